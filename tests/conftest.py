@@ -1,0 +1,169 @@
+"""Shared fixtures: a tiny Stable Diffusion pipeline built from configs, saved to a local folder.
+
+Nothing here touches the Hugging Face Hub. The tokenizer is a real byte-level BPE CLIP tokenizer whose vocabulary
+and merges are generated on the spot, so prompts tokenize exactly as they would with the real one (words of the
+vocabulary become one token, anything else falls back to bytes).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Words the tiny vocabulary knows as single tokens (everything else is spelled out in bytes).
+TINY_WORDS = (
+    "a an the photo of sketch painting oil in paris on rock cat dog toy sitting inspired by portrait "
+    "19th century red green blue background with and at night watercolor"
+).split()
+
+
+def _bytes_to_unicode():
+    """The byte → printable-unicode table of GPT-2/CLIP byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def build_tiny_clip_tokenizer(words=TINY_WORDS, model_max_length=77):
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges = []
+    for word in words:
+        # Left-to-right merges build the word one character at a time; the last piece carries "</w>".
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merge = (current, piece)
+            if merge not in merges:
+                merges.append(merge)
+            current = current + piece
+            vocab.setdefault(current, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def build_tiny_sd(path, prediction_type="epsilon", seed=0):
+    """Write a tiny, randomly initialised Stable Diffusion 1.x-layout pipeline to ``path`` and return it."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_clip_tokenizer()
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-5,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+        )
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return pipe
+
+
+def write_instance_images(folder, n=3, size=24, seed=0):
+    """Write ``n`` small coloured-square photos (a stand-in subject) to ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        arr = np.full((size, size, 3), 128, dtype=np.uint8)
+        lo, hi = size // 4, 3 * size // 4
+        arr[lo:hi, lo:hi] = rng.integers(0, 255, size=3, dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"subject_{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_sd(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_vpred_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd-vpred")
+    build_tiny_sd(path, prediction_type="v_prediction")
+    return str(path)
+
+
+@pytest.fixture
+def instance_dir(tmp_path):
+    return str(write_instance_images(tmp_path / "instance"))
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # Any accidental Hub access fails loudly instead of hanging on the closed network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
