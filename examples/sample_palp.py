@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+# coding=utf-8
+"""Sample a trained PALP model: base Stable Diffusion + the LoRA + the learned token embedding(s).
+
+    python examples/sample_palp.py \\
+        --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \\
+        --trained_dir palp-cat \\
+        --prompts "A sketch of <palp-cat> in Paris" "An oil painting of <palp-cat>" \\
+        --seeds 0 1 2 3
+
+``--trained_dir`` is the ``--output_dir`` of train_palp.py: its ``pytorch_lora_weights.safetensors`` is loaded
+with ``pipe.load_lora_weights`` and every ``learned_embeds*.safetensors`` in it (one file per placeholder token)
+with ``pipe.load_textual_inversion``; ``--embedding`` adds more files.
+
+Writes one PNG per (prompt, seed), named ``prompt{i:02d}_seed{seed}.png`` (``i`` = position of the prompt in
+the list), ``grid.png`` (rows = prompts, columns = seeds) and ``sampling_config.json`` (prompts and settings).
+
+A prompt that contains none of the learned tokens is sampled anyway (comparing with and without the token is a
+common check) but logs a warning, and so does a ``<...>`` word that is not a learned token (usually a typo of
+the placeholder, which the tokenizer would silently spell out letter by letter).
+"""
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description="Generate a grid of images (rows = prompts, columns = seeds) from a base model plus a PALP LoRA and learned token embeddings.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Base Stable Diffusion model (Hub id or local folder) the PALP model was trained on.",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the base model files, e.g. 'fp16'.")
+    parser.add_argument(
+        "--trained_dir",
+        type=str,
+        default=None,
+        help=(
+            "Training output folder (train_palp.py's --output_dir): its LoRA (--lora_weight_name) and every "
+            "learned_embeds*.safetensors in it are loaded. Leave out to sample the base model."
+        ),
+    )
+    parser.add_argument(
+        "--lora_weight_name",
+        type=str,
+        default="pytorch_lora_weights.safetensors",
+        help="File name of the LoRA weights inside --trained_dir.",
+    )
+    parser.add_argument(
+        "--embedding",
+        type=str,
+        action="append",
+        default=[],
+        help="Extra learned-token embedding file (one key: the token, value [1, dim]); repeat the flag for several.",
+    )
+    parser.add_argument(
+        "--prompts", type=str, nargs="+", default=None, help="Prompts, one grid row each, e.g. 'A sketch of <palp-cat> in Paris'."
+    )
+    parser.add_argument(
+        "--prompt_file", type=str, default=None, help="Text file with one prompt per line (blank lines skipped); added after --prompts."
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="Seeds, one grid column each.")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps.")
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale (the SD default).")
+    parser.add_argument("--negative_prompt", type=str, default=None, help="Negative prompt, used for every prompt (none by default).")
+    parser.add_argument(
+        "--lora_scale",
+        type=float,
+        default=1.0,
+        help="Weight of the LoRA update: 0 gives the base UNet (the learned tokens still apply), 1 the trained model.",
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="Height and width of the images; default: the base model's (512 for SD 1.x)."
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=1,
+        help="Seeds per pipeline call. More is faster on a GPU, but pixels may differ by rounding from batch size 1.",
+    )
+    parser.add_argument("--device", type=str, default=None, help="Device, e.g. 'cuda' or 'cpu'; default: cuda if available, else cpu.")
+    parser.add_argument(
+        "--dtype",
+        type=str,
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="Model dtype; 'auto' = float16 on cuda, float32 otherwise.",
+    )
+    parser.add_argument("--output_dir", type=str, default="palp-samples", help="Where the images, grid.png and sampling_config.json go.")
+
+    args = parser.parse_args(input_args)
+    return args
+
+
+def find_trained_weights(trained_dir, lora_weight_name, extra_embeddings):
+    """The LoRA file and the embedding files of a training output folder (plus any given explicitly)."""
+    lora_path = None
+    embedding_paths = []
+    if trained_dir is not None:
+        trained_dir = Path(trained_dir)
+        if not trained_dir.is_dir():
+            raise ValueError(f"--trained_dir {trained_dir} is not a folder; pass the --output_dir of train_palp.py.")
+        lora_path = trained_dir / lora_weight_name
+        if not lora_path.is_file():
+            raise ValueError(
+                f"--trained_dir {trained_dir} has no {lora_weight_name}; pass the folder train_palp.py wrote "
+                "(or set --lora_weight_name)."
+            )
+        # The single-subject script writes learned_embeds.safetensors, the multi-subject one learned_embeds_<slug>.
+        embedding_paths = sorted(trained_dir.glob("learned_embeds*.safetensors"))
+    for path in extra_embeddings:
+        if not Path(path).is_file():
+            raise ValueError(f"--embedding {path} does not exist.")
+        embedding_paths.append(Path(path))
+    return lora_path, embedding_paths
+
+
+def read_embedding_token(path):
+    """The placeholder token stored in an embedding file, read without loading any model."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        keys = list(torch.load(path, map_location="cpu", weights_only=True).keys())
+    if len(keys) != 1:
+        raise ValueError(f"Embedding file {path} should hold exactly one key (the token), found {keys}.")
+    return keys[0]
+
+
+def read_prompts(prompts, prompt_file):
+    prompts = list(prompts or [])
+    if prompt_file is not None:
+        if not Path(prompt_file).is_file():
+            raise ValueError(f"--prompt_file {prompt_file} does not exist.")
+        prompts += [line.strip() for line in Path(prompt_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("No prompts: pass --prompts and/or --prompt_file.")
+    return prompts
+
+
+def warn_about_tokens(prompts, tokens):
+    """Warn about prompts that will not show the learned subject(s)."""
+    for i, prompt in enumerate(prompts):
+        if tokens and not any(token in prompt for token in tokens):
+            logger.warning(f"Prompt {i} {prompt!r} contains none of the learned tokens {tokens}.")
+        unknown = [word for word in re.findall(r"<[^<>\s]+>", prompt) if word not in tokens]
+        if unknown:
+            logger.warning(
+                f"Prompt {i} {prompt!r} has {unknown}, which is not a learned token (learned: {tokens}); "
+                "the tokenizer will spell it out instead."
+            )
+
+
+def check_inputs(args):
+    """Catch every mistake a user can make before any model loads; returns what the run needs."""
+    prompts = read_prompts(args.prompts, args.prompt_file)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds has duplicates: {args.seeds}.")
+    if args.batch_size < 1:
+        raise ValueError("--batch_size must be at least 1.")
+    lora_path, embedding_paths = find_trained_weights(args.trained_dir, args.lora_weight_name, args.embedding)
+    tokens = [read_embedding_token(path) for path in embedding_paths]
+    duplicates = sorted({t for t in tokens if tokens.count(t) > 1})
+    if duplicates:
+        raise ValueError(f"Token(s) {duplicates} come from more than one embedding file; check --trained_dir and --embedding.")
+    warn_about_tokens(prompts, tokens)
+    return prompts, lora_path, embedding_paths, tokens
+
+
+def resolve_device_and_dtype(device, dtype):
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+def load_pipeline(pretrained_model_name_or_path, lora_path, embedding_paths, device, dtype, revision=None, variant=None):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype
+    )
+    if lora_path is not None:
+        pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name="palp")
+    for path in embedding_paths:
+        pipe.load_textual_inversion(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def generate(pipe, prompts, seeds, args):
+    """rows[i][j] = the image of prompts[i] with seeds[j]."""
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row = []
+        for start in range(0, len(seeds), args.batch_size):
+            batch_seeds = seeds[start : start + args.batch_size]
+            # One CPU generator per image: an image depends only on (prompt, seed), on any device.
+            generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in batch_seeds]
+            row += pipe(
+                [prompt] * len(batch_seeds),
+                negative_prompt=None if args.negative_prompt is None else [args.negative_prompt] * len(batch_seeds),
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                generator=generators,
+                # With the PEFT backend the UNet multiplies every LoRA update by this for the call only.
+                cross_attention_kwargs={"scale": args.lora_scale},
+            ).images
+        logger.info(f"Prompt {i + 1}/{len(prompts)} done: {prompt!r}")
+        rows.append(row)
+    return rows
+
+
+def make_grid(rows):
+    """Paste rows of equally sized images into one image, rows top to bottom."""
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(row) for row in rows), height * len(rows)))
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            grid.paste(image, (j * width, i * height))
+    return grid
+
+
+def save_samples(rows, prompts, seeds, tokens, args):
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, row in enumerate(rows):
+        for seed, image in zip(seeds, row):
+            path = output_dir / f"prompt{i:02d}_seed{seed}.png"
+            image.save(path)
+            files.append({"file": path.name, "prompt_index": i, "prompt": prompts[i], "seed": seed})
+    make_grid(rows).save(output_dir / "grid.png")
+    config = {
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "trained_dir": args.trained_dir,
+        "learned_tokens": tokens,
+        "prompts": prompts,
+        "seeds": seeds,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "negative_prompt": args.negative_prompt,
+        "lora_scale": args.lora_scale,
+        "resolution": args.resolution,
+        "dtype": args.dtype,
+        "images": files,
+    }
+    with open(output_dir / "sampling_config.json", "w") as f:
+        json.dump(config, f, indent=2)
+    return files
+
+
+def main(args):
+    prompts, lora_path, embedding_paths, tokens = check_inputs(args)
+    device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+    pipe = load_pipeline(
+        args.pretrained_model_name_or_path, lora_path, embedding_paths, device, dtype, args.revision, args.variant
+    )
+    rows = generate(pipe, prompts, args.seeds, args)
+    save_samples(rows, prompts, args.seeds, tokens, args)
+    logger.info(f"Saved {len(prompts) * len(args.seeds)} images and grid.png to {args.output_dir}")
+    return rows
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    main(parse_args())

@@ -1,0 +1,211 @@
+"""Tests of examples/sample_palp.py on the tiny offline pipeline with a hand-made training output."""
+
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "<palp-cat>"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sample_palp = load_script("sample_palp")
+
+
+def write_training_output(base_path, out, token=TOKEN, seed=0):
+    """What train_palp.py leaves in its --output_dir: a diffusers-format UNet LoRA and one token embedding."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    unet = StableDiffusionPipeline.from_pretrained(base_path).unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        # LoRA B starts at zero (a no-op); make it large enough to change the images visibly.
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    out = Path(out)
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    )
+    row = torch.randn(32)
+    save_file({token: row[None]}, out / "learned_embeds.safetensors")
+    return row
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("palp-out")
+    row = write_training_output(tiny_sd_path, out)
+    return str(out), row
+
+
+def run(base, out_dir, *extra):
+    args = sample_palp.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            base,
+            "--output_dir",
+            str(out_dir),
+            "--resolution",
+            "32",
+            "--num_inference_steps",
+            "2",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
+    return sample_palp.main(args)
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_grid_files_and_reproducibility(tiny_sd_path, trained, tmp_path):
+    trained_dir, _ = trained
+    prompts = [f"a sketch of {TOKEN} in paris", f"a photo of {TOKEN}"]
+    rows = run(tiny_sd_path, tmp_path / "a", "--trained_dir", trained_dir, "--prompts", *prompts, "--seeds", "0", "1", "2")
+
+    out = tmp_path / "a"
+    names = sorted(p.name for p in out.glob("prompt*.png"))
+    assert names == [f"prompt{i:02d}_seed{s}.png" for i in range(2) for s in range(3)]
+    for name in names:
+        assert Image.open(out / name).size == (32, 32)
+    grid = pixels(out / "grid.png")
+    assert grid.shape == (2 * 32, 3 * 32, 3)
+    # Row = prompt, column = seed.
+    np.testing.assert_array_equal(grid[32:64, 64:96], pixels(out / "prompt01_seed2.png"))
+    np.testing.assert_array_equal(pixels(out / "prompt00_seed1.png"), np.asarray(rows[0][1]))
+
+    config = json.loads((out / "sampling_config.json").read_text())
+    assert config["prompts"] == prompts and config["seeds"] == [0, 1, 2]
+    assert config["learned_tokens"] == [TOKEN]
+    assert len(config["images"]) == 6
+
+    # Seeds give different images; the same seed in another run (batched differently) gives the same pixels.
+    assert not np.array_equal(pixels(out / "prompt00_seed0.png"), pixels(out / "prompt00_seed1.png"))
+    run(tiny_sd_path, tmp_path / "b", "--trained_dir", trained_dir, "--prompts", prompts[0], "--seeds", "1")
+    np.testing.assert_allclose(
+        pixels(tmp_path / "b" / "prompt00_seed1.png").astype(int), pixels(out / "prompt00_seed1.png").astype(int), atol=1
+    )
+
+
+def test_lora_scale(tiny_sd_path, trained, tmp_path):
+    trained_dir, _ = trained
+    # No learned token in the prompt, so only the LoRA separates the two models.
+    common = ["--prompts", "a photo of cat", "--seeds", "5"]
+    base = np.asarray(run(tiny_sd_path, tmp_path / "base", *common)[0][0])
+    scale0 = np.asarray(run(tiny_sd_path, tmp_path / "s0", "--trained_dir", trained_dir, "--lora_scale", "0", *common)[0][0])
+    scale1 = np.asarray(run(tiny_sd_path, tmp_path / "s1", "--trained_dir", trained_dir, *common)[0][0])
+    half = np.asarray(run(tiny_sd_path, tmp_path / "s05", "--trained_dir", trained_dir, "--lora_scale", "0.5", *common)[0][0])
+    np.testing.assert_array_equal(scale0, base)
+    assert np.abs(scale1.astype(int) - base.astype(int)).max() > 10
+    assert 0 < np.abs(half.astype(int) - base.astype(int)).mean() < np.abs(scale1.astype(int) - base.astype(int)).mean()
+
+
+def test_loads_lora_and_embedding(tiny_sd_path, trained):
+    trained_dir, row = trained
+    lora_path, embedding_paths = sample_palp.find_trained_weights(trained_dir, "pytorch_lora_weights.safetensors", [])
+    pipe = sample_palp.load_pipeline(tiny_sd_path, lora_path, embedding_paths, "cpu", torch.float32)
+    token_id = pipe.tokenizer.convert_tokens_to_ids(TOKEN)
+    # One token, not spelled out letter by letter.
+    assert pipe.tokenizer(f"a photo of {TOKEN}").input_ids[4] == token_id
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[token_id], row)
+    assert "palp" in pipe.unet.peft_config
+
+
+def test_finds_every_embedding_file(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    save_file({"<v1>": torch.zeros(1, 32)}, tmp_path / "learned_embeds_cat.safetensors")
+    save_file({"<v2>": torch.zeros(1, 32)}, tmp_path / "learned_embeds_dog.safetensors")
+    extra = tmp_path / "elsewhere.safetensors"
+    save_file({"<v3>": torch.zeros(1, 32)}, extra)
+    lora, embeddings = sample_palp.find_trained_weights(str(tmp_path), "pytorch_lora_weights.safetensors", [str(extra)])
+    assert lora == tmp_path / "pytorch_lora_weights.safetensors"
+    assert [sample_palp.read_embedding_token(p) for p in embeddings] == ["<v1>", "<v2>", "<v3>"]
+
+    args = sample_palp.parse_args(
+        ["--pretrained_model_name_or_path", "unused", "--trained_dir", str(tmp_path), "--embedding",
+         str(tmp_path / "learned_embeds_cat.safetensors"), "--prompts", "a photo of <v1>"]
+    )
+    with pytest.raises(ValueError, match="more than one embedding file"):
+        sample_palp.check_inputs(args)
+
+
+def test_prompt_without_learned_token_warns(trained, caplog):
+    trained_dir, _ = trained
+    args = sample_palp.parse_args(
+        ["--pretrained_model_name_or_path", "unused", "--trained_dir", trained_dir,
+         "--prompts", f"a sketch of {TOKEN} in paris", "a sketch of cat in paris", "a sketch of <palp-kat> in paris"]
+    )
+    with caplog.at_level(logging.WARNING):
+        prompts, _, _, tokens = sample_palp.check_inputs(args)
+    assert tokens == [TOKEN] and len(prompts) == 3
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert not any("Prompt 0" in m for m in messages)
+    assert any("Prompt 1" in m and "none of the learned tokens" in m for m in messages)
+    assert any("Prompt 2" in m and "<palp-kat>" in m and "not a learned token" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "make_extra, flag",
+    [
+        (lambda tmp, trained_dir: ["--trained_dir", str(tmp / "missing")], "--trained_dir"),
+        (lambda tmp, trained_dir: ["--trained_dir", str(tmp)], "--trained_dir"),  # a folder without the LoRA
+        (lambda tmp, trained_dir: ["--trained_dir", trained_dir, "--embedding", str(tmp / "nope.safetensors")], "--embedding"),
+        (lambda tmp, trained_dir: ["--prompt_file", str(tmp / "prompts.txt")], "--prompt_file"),
+        (lambda tmp, trained_dir: ["--prompts", "a", "--seeds", "1", "1"], "--seeds"),
+    ],
+)
+def test_user_errors_name_the_flag_before_loading(make_extra, flag, trained, tmp_path):
+    trained_dir, _ = trained
+    extra = make_extra(tmp_path, trained_dir)
+    if "--prompts" not in extra and "--prompt_file" not in extra:
+        extra += ["--prompts", "a photo of cat"]
+    # A base model path that does not exist: reaching the model loader would raise something else.
+    args = sample_palp.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "no-model"), *extra])
+    with pytest.raises(ValueError, match=flag):
+        sample_palp.main(args)
+
+
+def test_no_prompts_is_an_error(tmp_path):
+    args = sample_palp.parse_args(["--pretrained_model_name_or_path", str(tmp_path)])
+    with pytest.raises(ValueError, match="--prompts"):
+        sample_palp.main(args)
+
+
+def test_prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a photo of cat\n\n  a sketch of dog  \n")
+    assert sample_palp.read_prompts(["first"], str(path)) == ["first", "a photo of cat", "a sketch of dog"]
+
+
+def test_cli_help_runs_as_a_script():
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "sample_palp.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in ("--guidance_scale", "--num_inference_steps", "--negative_prompt", "--lora_scale", "--seeds", "--dtype"):
+        assert flag in result.stdout

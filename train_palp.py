@@ -1,0 +1,1463 @@
+#!/usr/bin/env python
+# coding=utf-8
+# Copyright 2026 The PALP training scripts authors. Licensed under the Apache License, Version 2.0.
+"""PALP: Prompt Aligned Personalization of text-to-image models (Arar et al., arXiv 2401.06105).
+
+Personalizes a Stable Diffusion model to one subject for ONE target prompt ("A sketch of <my-cat> in Paris"):
+LoRA on the UNet's attention plus a new textual-inversion token, trained jointly with two terms:
+
+    loss = L_pers + λ · L_align
+
+* ``L_pers``: the usual DreamBooth / Textual Inversion denoising loss on the subject photos, prompt ``y_P``
+  ("A photo of <my-cat>").
+* ``L_align``: PALP's prompt-alignment term. From the personalization forward pass we take the one-step clean
+  estimate ``x̂0``, re-noise it (stop-gradient, same noise) to ``x̂_t2`` and compare, gradient-free, the
+  *pre-trained* model on the clean target prompt ``y_c`` ("A sketch of a cat in Paris", guidance α) with the
+  *personalized* model on ``y_P`` (guidance β). Their difference ``D`` is a Delta Denoising Score direction; the
+  surrogate ``-⟨sg(D), ε̂⟩`` back-propagates it through the same Jacobian the personalization loss already uses, so
+  a step costs one backward pass plus gradient-free forward passes.
+
+Run ``python train_palp.py --help`` for every flag, its default and where the default comes from.
+
+    accelerate launch train_palp.py \\
+      --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --instance_data_dir ./my_cat --placeholder_token "<my-cat>" --class_name cat \\
+      --target_prompt "A sketch of <my-cat> in Paris" --output_dir palp-cat-sketch --mixed_precision fp16
+
+The result loads into a stock ``StableDiffusionPipeline``:
+
+    pipe.load_lora_weights("palp-cat-sketch")
+    pipe.load_textual_inversion("palp-cat-sketch/learned_embeds.safetensors")
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+logger = get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+EMBEDDINGS_NAME = "learned_embeds.safetensors"
+LORA_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_LORA_NAME = "pytorch_lora_weights_kohya.safetensors"
+CONFIG_NAME = "training_config.json"
+CHECKPOINT_STATE_NAME = "training_state.json"
+OPTIMIZER_TENSORS_NAME = "optimizer.safetensors"
+
+
+class UserInputError(ValueError):
+    """A problem with the command line or the inputs it names; the message says which flag and how to fix it."""
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description="PALP (Prompt Aligned Personalization): LoRA + textual inversion with a prompt-alignment term.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # Model.
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Stable Diffusion 1.x/2.x model: a Hub id or a local folder in the diffusers layout.",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
+
+    # Subject.
+    parser.add_argument(
+        "--instance_data_dir",
+        type=str,
+        default=None,
+        help="Folder of subject photos (jpg/png/webp/bmp/gif/tiff; other files are ignored). One image is enough.",
+    )
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Instead of --instance_data_dir: a `datasets` dataset (Hub id or local folder) holding the subject photos.",
+    )
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="Config name of --dataset_name.")
+    parser.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    parser.add_argument(
+        "--placeholder_token",
+        type=str,
+        required=True,
+        help="The new token [V] that stands for the subject, e.g. '<my-cat>'. Must not already be in the vocabulary.",
+    )
+    parser.add_argument(
+        "--class_name",
+        type=str,
+        required=True,
+        help="Class noun of the subject ('cat'). Initialises [V] and builds the default clean prompt.",
+    )
+
+    # Prompts.
+    parser.add_argument(
+        "--target_prompt",
+        type=str,
+        required=True,
+        help="The prompt to personalize for (y), containing the placeholder token: 'A sketch of <my-cat> in Paris'.",
+    )
+    parser.add_argument(
+        "--personalization_prompt",
+        type=str,
+        default="A photo of {token}",
+        help="Personalization prompt y_P for the subject photos; '{token}' is replaced by the placeholder (paper).",
+    )
+    parser.add_argument(
+        "--clean_prompt",
+        type=str,
+        default=None,
+        help="Clean target prompt y_c for the pre-trained model, without any learned token. "
+        "Default: the target prompt with the placeholder replaced by 'a <class_name>' (paper).",
+    )
+
+    # PALP.
+    palp = parser.add_argument_group("PALP prompt alignment")
+    palp.add_argument(
+        "--alignment_mode",
+        type=str,
+        default="dds",
+        choices=["dds", "sds", "none"],
+        help="'dds': PALP (pre-trained on y_c minus personalized on y_P); 'sds': pre-trained on y_c minus the noise "
+        "(the paper's ablation: over-saturates); 'none': plain TI + DreamBooth-LoRA baseline.",
+    )
+    palp.add_argument(
+        "--guidance_scale_pretrained",
+        type=float,
+        default=15.0,
+        help="α, classifier-free guidance of the pre-trained model on the clean prompt (paper, App. C: 15.0).",
+    )
+    palp.add_argument(
+        "--guidance_scale_personalized",
+        type=float,
+        default=7.5,
+        help="β, classifier-free guidance of the personalized model on y_P (paper: 7.5). With β = 1 the "
+        "personalized unconditional pass is skipped.",
+    )
+    palp.add_argument(
+        "--alignment_weight",
+        type=float,
+        default=1.0,
+        help="λ, weight of the alignment loss (ours: the paper gives none).",
+    )
+    palp.add_argument(
+        "--alignment_noise",
+        type=str,
+        default="same",
+        choices=["same", "fresh"],
+        help="Re-noise x̂0 with the same ε as the personalization branch (paper: better text alignment) or fresh noise.",
+    )
+    palp.add_argument(
+        "--alignment_timestep",
+        type=str,
+        default="independent",
+        choices=["independent", "same"],
+        help="Draw t2 independently of t1 (ours: the paper states no rule), or reuse t1.",
+    )
+    palp.add_argument(
+        "--alignment_weighting",
+        type=str,
+        default="uniform",
+        choices=["uniform", "one_minus_alpha_bar"],
+        help="w(t2) of the alignment loss: 1, or 1 - ᾱ_t2 (ours: the paper names a weighting but not its form).",
+    )
+    palp.add_argument(
+        "--rescale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Rescale the alignment gradient by √ᾱ_t1/√(1-ᾱ_t1) so every t1 gets an update of the same size "
+        "(paper: best variant of its ablation). --no-rescale keeps the factor, as an ablation.",
+    )
+    palp.add_argument(
+        "--timestep_min_ratio",
+        type=float,
+        default=0.02,
+        help="Lowest t1 and t2 as a fraction of the schedule length T (ours).",
+    )
+    palp.add_argument(
+        "--timestep_max_ratio",
+        type=float,
+        default=0.98,
+        help="Highest t1 and t2 as a fraction of the schedule length T (ours).",
+    )
+
+    # LoRA.
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank (paper: 32).")
+    parser.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha. Default: equal to --rank (ours).")
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA layers.")
+
+    # Images.
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=512,
+        help="Training resolution (a multiple of 8). Images are resized so the shorter side matches, then cropped.",
+    )
+    parser.add_argument("--center_crop", action="store_true", help="Center-crop instead of random crop.")
+    parser.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
+
+    # Optimisation.
+    parser.add_argument("--train_batch_size", type=int, default=1, help="Batch size per device (paper: 32 on TPU).")
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches accumulated per optimizer step."
+    )
+    parser.add_argument("--max_train_steps", type=int, default=500, help="Optimizer steps (paper: 500).")
+    parser.add_argument(
+        "--learning_rate", type=float, default=5e-5, help="Learning rate of the LoRA and the token (paper: 5e-5)."
+    )
+    parser.add_argument(
+        "--embedding_learning_rate",
+        type=float,
+        default=None,
+        help="Learning rate of the placeholder embedding. Default: --learning_rate (paper).",
+    )
+    parser.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rates by batch size × accumulation steps × number of processes.",
+    )
+    parser.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning-rate schedule.",
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule.")
+    parser.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    parser.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε.")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    parser.add_argument("--seed", type=int, default=None, help="Seed of the whole run. Default: drawn and recorded.")
+
+    # Speed and memory.
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Mixed precision; default: the accelerate config. Trainable parameters always stay in fp32.",
+    )
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="Trade compute for memory in UNet and text encoder."
+    )
+    parser.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Use xformers attention (PyTorch SDPA is the default and usually as good).",
+    )
+    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+
+    # Checkpoints.
+    parser.add_argument("--output_dir", type=str, default="palp-model", help="Where outputs and checkpoints go.")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Allow writing into an --output_dir that already holds a finished run.",
+    )
+    parser.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps."
+    )
+    parser.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="Resume from a checkpoint folder, or 'latest' for the newest in --output_dir.",
+    )
+
+    # Validation.
+    parser.add_argument(
+        "--validation_prompt", type=str, default=None, help="Prompt of the validation images. Default: the target prompt."
+    )
+    parser.add_argument(
+        "--num_validation_images", type=int, default=4, help="Validation images per run (0 disables validation)."
+    )
+    parser.add_argument(
+        "--validation_steps",
+        type=int,
+        default=None,
+        help="Also validate every N optimizer steps (default: only at the end).",
+    )
+    parser.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation.")
+    parser.add_argument(
+        "--validation_num_inference_steps", type=int, default=25, help="Sampling steps of validation."
+    )
+
+    # Logging and Hub.
+    parser.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        choices=["tensorboard", "wandb", "all", "none"],
+        help="Where to log losses and validation images.",
+    )
+    parser.add_argument(
+        "--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir."
+    )
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the result to the Hugging Face Hub.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repo. Default: the output folder name.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
+
+    args = parser.parse_args(input_args)
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    """Every error a user can cause with the flags alone, raised before any model is loaded."""
+    token = args.placeholder_token
+    if not token or re.search(r"\s", token):
+        raise UserInputError(f"--placeholder_token {token!r} must be one word without spaces, e.g. '<my-cat>'.")
+    if not args.class_name.strip():
+        raise UserInputError("--class_name is empty: give the subject's class noun, e.g. 'cat'.")
+    if token not in args.target_prompt:
+        raise UserInputError(
+            f"--target_prompt {args.target_prompt!r} does not contain the placeholder {token!r}: "
+            f"write it where the subject goes, e.g. 'A sketch of {token} in Paris'."
+        )
+    if "{token}" not in args.personalization_prompt and token not in args.personalization_prompt:
+        raise UserInputError(
+            f"--personalization_prompt {args.personalization_prompt!r} must contain '{{token}}' or {token!r}."
+        )
+    if args.clean_prompt is not None and token in args.clean_prompt:
+        raise UserInputError(
+            f"--clean_prompt must describe the scene with the class noun, not {token!r}: "
+            f"e.g. {default_clean_prompt(args.target_prompt, token, args.class_name)!r}."
+        )
+    if (args.instance_data_dir is None) == (args.dataset_name is None):
+        raise UserInputError("Give exactly one of --instance_data_dir and --dataset_name.")
+    if args.instance_data_dir is not None and not Path(args.instance_data_dir).is_dir():
+        raise UserInputError(f"--instance_data_dir {args.instance_data_dir!r} is not a folder.")
+    if args.resolution <= 0 or args.resolution % 8:
+        raise UserInputError(f"--resolution {args.resolution} must be a positive multiple of 8 (e.g. 512).")
+    for flag in ("max_train_steps", "rank", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+        if getattr(args, flag) <= 0:
+            raise UserInputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}.")
+    for flag in ("guidance_scale_pretrained", "guidance_scale_personalized", "alignment_weight", "learning_rate"):
+        if getattr(args, flag) < 0:
+            raise UserInputError(f"--{flag} must not be negative, got {getattr(args, flag)}.")
+    if not 0.0 <= args.timestep_min_ratio <= args.timestep_max_ratio <= 1.0:
+        raise UserInputError("--timestep_min_ratio and --timestep_max_ratio need 0 <= min <= max <= 1.")
+    if args.validation_steps is not None and args.validation_steps <= 0:
+        raise UserInputError("--validation_steps must be a positive integer.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
+        raise UserInputError("--checkpoints_total_limit must be a positive integer.")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        raise UserInputError(
+            "--report_to wandb together with --hub_token would expose the token to wandb; "
+            "log in with `hf auth login` instead of passing --hub_token."
+        )
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise UserInputError(
+                "--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers`, "
+                "or drop the flag to use PyTorch's SDPA attention."
+            )
+    require_package("bitsandbytes", "--use_8bit_adam", args.use_8bit_adam)
+    require_package("wandb", "--report_to wandb", args.report_to in ("wandb", "all"))
+    require_package("datasets", "--dataset_name", args.dataset_name is not None)
+    output_dir = Path(args.output_dir)
+    if (output_dir / LORA_NAME).exists() and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+        raise UserInputError(
+            f"--output_dir {args.output_dir!r} already holds a finished run ({LORA_NAME}); "
+            "choose another folder or pass --overwrite_output_dir."
+        )
+
+
+def require_package(name, flag, needed):
+    if not needed:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise UserInputError(f"{flag} needs the '{name}' package: `pip install {name}`.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The PALP mathematics: pure functions of tensors. ᾱ_t below is scheduler.alphas_cumprod[t], broadcast per sample.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _per_sample(values, like):
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def add_noise(x0, noise, alpha_bar):
+    """x_t = √ᾱ_t · x0 + √(1-ᾱ_t) · ε."""
+    a = _per_sample(alpha_bar, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def predicted_original_sample(x_t, eps, alpha_bar):
+    """x̂0 = (x_t - √(1-ᾱ_t) · ε̂) / √ᾱ_t, the model's one-step clean estimate."""
+    a = _per_sample(alpha_bar, x_t)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def epsilon_from_model_output(model_output, x_t, alpha_bar, prediction_type):
+    """PALP's mathematics is written in ε; a v-prediction model (SD 2.x 768 px) is converted: ε = √ᾱ·v + √(1-ᾱ)·x_t."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        a = _per_sample(alpha_bar, x_t)
+        return a.sqrt() * model_output + (1 - a).sqrt() * x_t
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r}: PALP needs 'epsilon' or 'v_prediction'.")
+
+
+def classifier_free_guidance(eps_uncond, eps_cond, scale):
+    """ε^s = ε(∅) + s · (ε(y) - ε(∅))."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def alignment_direction(mode, guided_pretrained, guided_personalized=None, noise=None):
+    """The direction D that the alignment loss pushes ε̂ along (and x̂0 against).
+
+    dds (PALP): D = ε^α_pre(x̂_t2, t2, y_c) - ε^β_per(x̂_t2, t2, y_P), the Delta Denoising Score.
+    sds (ablation): D = ε^α_pre(x̂_t2, t2, y_c) - ε2, Score Distillation against the added noise.
+    """
+    if mode == "dds":
+        return guided_pretrained - guided_personalized
+    if mode == "sds":
+        return guided_pretrained - noise
+    raise ValueError(f"alignment mode {mode!r} has no direction")
+
+
+def alignment_timestep_weight(alpha_bar_t2, weighting):
+    """w(t2): 1 ('uniform'), or 1 - ᾱ_t2 ('one_minus_alpha_bar')."""
+    if weighting == "uniform":
+        return torch.ones_like(alpha_bar_t2)
+    if weighting == "one_minus_alpha_bar":
+        return 1 - alpha_bar_t2
+    raise ValueError(f"Unknown alignment weighting {weighting!r}")
+
+
+def palp_alignment_loss(eps_hat, direction, alpha_bar_t1, weight, rescale=True):
+    """L_align = -w(t2) · mean(sg(D) · ε̂), PALP's surrogate for the DDS gradient.
+
+    The DDS gradient on the sample is D, applied through x̂0:
+        ∇_θ = D · ∂x̂0/∂θ = -(√(1-ᾱ_t1)/√ᾱ_t1) · D · ∂ε̂/∂θ.
+    With the paper's rescale by √ᾱ_t1/√(1-ᾱ_t1) every timestep gets an update of the same size and
+    ∇_θ = -D · ∂ε̂/∂θ, the gradient of -⟨sg(D), ε̂⟩. Descent moves ε̂ along +D, hence x̂0 along -D: towards the
+    pre-trained model's picture of the clean prompt, away from the personalized model's habit. Without the rescale
+    the factor √(1-ᾱ_t1)/√ᾱ_t1 stays in. Only ε̂ carries a gradient: D is detached here whatever the caller passed.
+    """
+    eps_hat = eps_hat.float()
+    scale = weight.float()
+    if not rescale:
+        scale = scale * ((1 - alpha_bar_t1) / alpha_bar_t1).sqrt().float()
+    per_sample = (direction.detach().float() * eps_hat).flatten(1).mean(dim=1)
+    return -(scale * per_sample).mean()
+
+
+@dataclass
+class AlignmentConfig:
+    """PALP's alignment settings (see --help for the source of each default)."""
+
+    mode: str = "dds"
+    guidance_scale_pretrained: float = 15.0
+    guidance_scale_personalized: float = 7.5
+    weight: float = 1.0
+    noise: str = "same"
+    timestep: str = "independent"
+    weighting: str = "uniform"
+    rescale: bool = True
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(
+            mode=args.alignment_mode,
+            guidance_scale_pretrained=args.guidance_scale_pretrained,
+            guidance_scale_personalized=args.guidance_scale_personalized,
+            weight=args.alignment_weight,
+            noise=args.alignment_noise,
+            timestep=args.alignment_timestep,
+            weighting=args.alignment_weighting,
+            rescale=args.rescale,
+        )
+
+
+@contextlib.contextmanager
+def lora_disabled(unet):
+    """The pre-trained model is the same UNet with its LoRA switched off: no second copy in memory."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def guided_epsilon(unet, x_t, t, cond, uncond, scale, alpha_bar, prediction_type):
+    """ε^scale(x_t, t, cond), gradient-free. The conditional and unconditional passes run as one batched call;
+    with scale 1 the unconditional pass is skipped (ε^1 = ε(cond))."""
+    if scale == 1.0:
+        out = unet(x_t, t, encoder_hidden_states=cond).sample
+        return epsilon_from_model_output(out.float(), x_t.float(), alpha_bar, prediction_type)
+    batch = x_t.shape[0]
+    uncond = uncond.to(cond.dtype).expand(batch, *uncond.shape[1:])
+    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
+    eps = epsilon_from_model_output(out.float(), torch.cat([x_t, x_t]).float(), alpha_bar.repeat(2), prediction_type)
+    eps_cond, eps_uncond = eps.chunk(2)
+    return classifier_free_guidance(eps_uncond, eps_cond, scale)
+
+
+def palp_losses(
+    unet, base_unet, latents, noise, t1, t2, noise2, cond_personal, cond_clean, uncond, alphas_cumprod,
+    prediction_type, config,
+):
+    """One PALP step's two loss terms; returns (L_pers, L_align). Only L_pers's forward pass carries a gradient.
+
+    ``unet`` is the (possibly distributed) training model, ``base_unet`` the same module unwrapped, whose LoRA can be
+    switched off for the pre-trained prediction. ``cond_personal`` is y_P per sample (with gradient to [V]);
+    ``cond_clean`` and ``uncond`` are fixed embeddings of y_c and ∅ with batch dimension 1.
+    """
+    a1, a2 = alphas_cumprod[t1], alphas_cumprod[t2]
+    x_t1 = add_noise(latents, noise, a1)
+    model_output = unet(x_t1, t1, encoder_hidden_states=cond_personal).sample
+    if prediction_type == "v_prediction":
+        target = _per_sample(a1, latents).sqrt() * noise - (1 - _per_sample(a1, latents)).sqrt() * latents
+    else:
+        target = noise
+    loss_pers = F.mse_loss(model_output.float(), target.float())
+    if config.mode == "none" or config.weight == 0:
+        return loss_pers, torch.zeros_like(loss_pers)
+
+    eps_hat = epsilon_from_model_output(model_output.float(), x_t1.float(), a1, prediction_type)
+    with torch.no_grad():
+        x0_hat = predicted_original_sample(x_t1.float(), eps_hat, a1)
+        x_t2 = add_noise(x0_hat, noise2.float(), a2).to(latents.dtype)
+        batch = latents.shape[0]
+        with lora_disabled(base_unet):
+            g_pre = guided_epsilon(
+                base_unet, x_t2, t2, cond_clean.expand(batch, *cond_clean.shape[1:]), uncond,
+                config.guidance_scale_pretrained, a2, prediction_type,
+            )
+        g_per = None
+        if config.mode == "dds":
+            g_per = guided_epsilon(
+                base_unet, x_t2, t2, cond_personal.detach(), uncond,
+                config.guidance_scale_personalized, a2, prediction_type,
+            )
+        direction = alignment_direction(config.mode, g_pre, g_per, noise2.float())
+    weight = alignment_timestep_weight(a2, config.weighting)
+    loss_align = palp_alignment_loss(eps_hat, direction, a1, weight, config.rescale)
+    return loss_pers, loss_align
+
+
+def timestep_bounds(num_train_timesteps, min_ratio, max_ratio):
+    t_min = int(round(min_ratio * num_train_timesteps))
+    t_max = min(int(round(max_ratio * num_train_timesteps)), num_train_timesteps - 1)
+    return t_min, max(t_min, t_max)
+
+
+def sample_step_noise(latent_shape, t_bounds, config, generator):
+    """ε, t1, t2 and ε2 for one step, all from the step's own generator (so a resumed run draws the same)."""
+    batch = latent_shape[0]
+    t_min, t_max = t_bounds
+    noise = torch.randn(latent_shape, generator=generator)
+    t1 = torch.randint(t_min, t_max + 1, (batch,), generator=generator)
+    t2 = torch.randint(t_min, t_max + 1, (batch,), generator=generator)
+    noise2 = torch.randn(latent_shape, generator=generator)
+    if config.timestep == "same":
+        t2 = t1
+    if config.noise == "same":
+        noise2 = noise
+    return noise, t1, t2, noise2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts and the placeholder token
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def format_prompt(template, token):
+    return template.replace("{token}", token)
+
+
+def default_clean_prompt(target_prompt, token, class_name):
+    """y_c: the target prompt with [V] replaced by 'a <class>' ('A sketch of <t> in Paris' → 'A sketch of a cat in
+    Paris'); an article already in front of the token is kept ('a <t>' → 'a cat')."""
+    article = "an" if class_name[:1].lower() in "aeiou" else "a"
+    escaped = re.escape(token)
+    prompt = re.sub(rf"\b(a|an|the|A|An|The) {escaped}", rf"\1 {class_name}", target_prompt)
+    return prompt.replace(token, f"{article} {class_name}")
+
+
+class PlaceholderEmbedding(torch.nn.Module):
+    """The text encoder's token embedding with trainable rows for the new tokens only.
+
+    The frozen matrix is never touched, so every other row stays bit-identical, and the optimizer holds state for
+    the new rows alone (not for the whole 49k × 768 matrix).
+    """
+
+    def __init__(self, base, token_ids, init_rows):
+        super().__init__()
+        self.base = base
+        self.register_buffer("token_ids", torch.as_tensor(token_ids, dtype=torch.long), persistent=False)
+        self.rows = torch.nn.Parameter(init_rows.detach().clone().float())
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, input_ids):
+        embeds = self.base(input_ids)
+        match = input_ids.unsqueeze(-1) == self.token_ids  # [..., num_new]
+        if not match.any():
+            return embeds
+        rows = (match.to(self.rows.dtype) @ self.rows).to(embeds.dtype)
+        return torch.where(match.any(-1, keepdim=True), rows, embeds)
+
+
+def add_placeholder_tokens(tokenizer, text_encoder, tokens, class_names):
+    """Add one token per subject, initialised from the mean embedding of its class noun; return the ids and the
+    PlaceholderEmbedding that now serves as the text encoder's input embedding."""
+    for token in tokens:
+        if token in tokenizer.get_vocab():
+            raise UserInputError(
+                f"--placeholder_token {token!r} is already in the tokenizer's vocabulary: pick a new word, e.g. "
+                f"'<my-{token.strip('<>')}>'."
+            )
+    if tokenizer.add_tokens(list(tokens)) != len(tokens):
+        raise UserInputError(f"Could not add the placeholder tokens {tokens} to the tokenizer; use new, distinct words.")
+    token_ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    for token, token_id in zip(tokens, token_ids):
+        if tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+            raise UserInputError(
+                f"--placeholder_token {token!r} does not tokenize to one token (the tokenizer lowercases its input): "
+                "use a lowercase word such as '<my-cat>'."
+            )
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    base = text_encoder.get_input_embeddings()
+    init_rows = []
+    for class_name in class_names:
+        class_ids = tokenizer.encode(class_name, add_special_tokens=False)
+        if not class_ids:
+            raise UserInputError(f"--class_name {class_name!r} gives no tokens; use a noun such as 'cat'.")
+        init_rows.append(base.weight.data[class_ids].float().mean(dim=0))
+    init_rows = torch.stack(init_rows)
+    with torch.no_grad():
+        base.weight[token_ids] = init_rows.to(base.weight.dtype)
+    base.requires_grad_(False)
+    embedding = PlaceholderEmbedding(base, token_ids, init_rows)
+    text_encoder.set_input_embeddings(embedding)
+    return token_ids, embedding
+
+
+def tokenize(tokenizer, prompts):
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode_prompts(text_encoder, input_ids):
+    return text_encoder(input_ids)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_image(path_or_image):
+    """An RGB PIL image with EXIF orientation applied; transparency is composited on white."""
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def load_instance_images(folder, flag="--instance_data_dir"):
+    """Every readable image in ``folder``; unreadable ones are skipped with a warning naming the file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserInputError(f"{flag} {str(folder)!r} is not a folder.")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                images.append(load_image(image))
+        except Exception as error:  # PIL raises many types for broken files
+            logger.warning(f"Skipping {path}: not a readable image ({error}).")
+    if not images:
+        raise UserInputError(
+            f"{flag} {str(folder)!r} holds no readable image ({', '.join(IMAGE_EXTENSIONS)}); add the subject photos."
+        )
+    return images
+
+
+def load_dataset_images(dataset_name, config_name, image_column, cache_dir):
+    try:
+        import datasets
+    except ImportError as error:
+        raise UserInputError("--dataset_name needs the 'datasets' package: `pip install datasets`.") from error
+    dataset = datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir, split="train")
+    if image_column not in dataset.column_names:
+        raise UserInputError(
+            f"--image_column {image_column!r} is not a column of {dataset_name!r} (columns: {dataset.column_names})."
+        )
+    images = [load_image(image) for image in dataset[image_column]]
+    if not images:
+        raise UserInputError(f"--dataset_name {dataset_name!r} has no images.")
+    return images
+
+
+def resize_shorter_side(image, resolution):
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def image_to_tensor(image, resolution, center_crop, random_flip, generator):
+    """Resized (shorter side = resolution) PIL image → cropped, maybe flipped tensor in [-1, 1], shape [3, H, W]."""
+    width, height = image.size
+    if center_crop:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and torch.rand(1, generator=generator).item() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def step_generator(seed, rank, micro_step):
+    """A generator for one micro-step, derived from (seed, rank, step) alone: a resumed run draws exactly what the
+    uninterrupted run drew, with no random state to save."""
+    state = np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def batch_indices(num_images, batch_size, micro_step, seed, rank, world_size):
+    """Image indices of one rank's micro-batch: epochs are seeded permutations of the images, consumed in order,
+    the global batch split across ranks."""
+    start = (micro_step * world_size + rank) * batch_size
+    indices = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_images)
+        permutation = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        indices.append(int(permutation[offset]))
+    return indices
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_model_folder(path):
+    """A local --pretrained_model_name_or_path must look like a diffusers Stable Diffusion folder."""
+    folder = Path(path)
+    if not folder.exists():
+        return  # a Hub id; from_pretrained reports problems with it
+    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / name).is_dir()]
+    if missing:
+        raise UserInputError(
+            f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion folder in the diffusers layout "
+            f"(missing: {', '.join(missing)})."
+        )
+
+
+def load_tokenizer(args):
+    check_model_folder(args.pretrained_model_name_or_path)
+    return CLIPTokenizer.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir
+    )
+
+
+def load_models(args):
+    """Text encoder, VAE, UNet and the training noise schedule; all frozen."""
+    common = dict(revision=args.revision, cache_dir=args.cache_dir)
+    path = args.pretrained_model_name_or_path
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+    return text_encoder, vae, unet, noise_scheduler
+
+
+def add_lora(unet, rank, alpha, dropout):
+    """LoRA on the self- and cross-attention projections (to_q, to_k, to_v, to_out.0), as in the paper."""
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES
+    )
+    unet.add_adapter(config)
+    return config
+
+
+def weight_dtype_for(mixed_precision):
+    # Keyed on accelerator.mixed_precision, so a precision chosen with `accelerate config` counts too.
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def trainable_parameters(unet, embedding):
+    return [p for p in unet.parameters() if p.requires_grad], [embedding.rows]
+
+
+def build_optimizer(args, lora_params, embedding_params, num_processes):
+    scale = args.train_batch_size * args.gradient_accumulation_steps * num_processes if args.scale_lr else 1
+    lr = args.learning_rate * scale
+    embedding_lr = (args.embedding_learning_rate or args.learning_rate) * scale
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        [{"params": lora_params, "lr": lr}, {"params": embedding_params, "lr": embedding_lr}],
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving: LoRA (diffusers and kohya formats), embeddings, checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def lora_state_dict(unet):
+    """The UNet's LoRA in PEFT naming (``...to_q.lora_A.weight``), as fp32 tensors on the CPU."""
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def save_lora(output_dir, unet, lora_config, kohya=True):
+    """``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` and, optionally, a kohya/WebUI copy."""
+    peft_state = lora_state_dict(unet)
+    metadata = {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "target_modules": LORA_TARGET_MODULES}
+    StableDiffusionPipeline.save_lora_weights(
+        output_dir,
+        unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+        weight_name=LORA_NAME,
+        unet_lora_adapter_metadata=metadata,
+    )
+    if kohya:
+        kohya_state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()})
+        # The converter writes alpha = rank; the true alpha keeps the LoRA's scale in WebUI/ComfyUI.
+        kohya_state = {
+            k: torch.tensor(float(lora_config.lora_alpha)) if k.endswith(".alpha") else v.contiguous()
+            for k, v in kohya_state.items()
+        }
+        save_file(kohya_state, os.path.join(output_dir, KOHYA_LORA_NAME))
+
+
+def load_lora(unet, folder):
+    """Load a LoRA saved by :func:`save_lora` into the UNet's existing adapter."""
+    state = load_file(os.path.join(folder, LORA_NAME))
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA keys that do not fit this UNet: {unexpected[:3]}")
+
+
+def embedding_file_name(token, single=True):
+    if single:
+        return EMBEDDINGS_NAME
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
+    return f"learned_embeds_{slug}.safetensors"
+
+
+def save_embeddings(output_dir, tokens, embedding):
+    """One safetensors file per token, ``{token: [1, dim]}``: the form ``pipe.load_textual_inversion`` loads."""
+    paths = []
+    for index, token in enumerate(tokens):
+        path = os.path.join(output_dir, embedding_file_name(token, single=len(tokens) == 1))
+        save_file({token: embedding.rows[index : index + 1].detach().float().cpu().contiguous()}, path)
+        paths.append(path)
+    return paths
+
+
+def load_embeddings(folder, tokens, embedding):
+    with torch.no_grad():
+        for index, token in enumerate(tokens):
+            state = load_file(os.path.join(folder, embedding_file_name(token, single=len(tokens) == 1)))
+            embedding.rows[index].copy_(state[token][0].to(embedding.rows.dtype))
+
+
+def save_optimizer(folder, optimizer):
+    """Optimizer state as safetensors (tensors) + JSON (everything else): no pickle in a checkpoint."""
+    state_dict = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            name = f"{param_id}.{key}"
+            if torch.is_tensor(value):
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                scalars[name] = value
+    save_file(tensors, os.path.join(folder, OPTIMIZER_TENSORS_NAME))
+    return {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(folder, optimizer, saved):
+    state = {}
+    for name, value in list(load_file(os.path.join(folder, OPTIMIZER_TENSORS_NAME)).items()) + list(
+        saved["scalars"].items()
+    ):
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def checkpoint_step(path):
+    match = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir):
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    found = [p for p in found if (p / CHECKPOINT_STATE_NAME).exists()]  # complete ones only
+    return sorted(found, key=checkpoint_step)
+
+
+def save_checkpoint(output_dir, step, unet, lora_config, tokens, embedding, optimizer, lr_scheduler, scaler, seed,
+                    total_limit=None):
+    """Write ``checkpoint-<step>`` atomically: into a temporary folder, renamed when complete."""
+    existing = list_checkpoints(output_dir)
+    if total_limit is not None and len(existing) >= total_limit:
+        for old in existing[: len(existing) - total_limit + 1]:
+            shutil.rmtree(old)
+    final = Path(output_dir) / f"checkpoint-{step}"
+    tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_lora(tmp, unet, lora_config, kohya=False)
+    save_embeddings(tmp, tokens, embedding)
+    state = {
+        "global_step": step,
+        "seed": seed,
+        "placeholder_tokens": list(tokens),
+        "optimizer": save_optimizer(tmp, optimizer),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+    }
+    (tmp / CHECKPOINT_STATE_NAME).write_text(json.dumps(state, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def resolve_checkpoint(output_dir, resume_from_checkpoint):
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise UserInputError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder.")
+    return path
+
+
+def read_checkpoint_state(path):
+    try:
+        return json.loads((Path(path) / CHECKPOINT_STATE_NAME).read_text())
+    except (OSError, ValueError) as error:
+        raise UserInputError(
+            f"Checkpoint {str(path)!r} is damaged or incomplete ({error}). "
+            "Delete it, or pass another folder to --resume_from_checkpoint."
+        ) from error
+
+
+def load_checkpoint(path, unet, tokens, embedding, optimizer, lr_scheduler, scaler):
+    """Restore LoRA, token rows, optimizer, schedule and step; return the saved state (step, seed)."""
+    state = read_checkpoint_state(path)
+    try:
+        if state["placeholder_tokens"] != list(tokens):
+            raise ValueError(f"it was trained for tokens {state['placeholder_tokens']}, not {list(tokens)}")
+        load_lora(unet, path)
+        load_embeddings(path, tokens, embedding)
+        load_optimizer(path, optimizer, state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+    except Exception as error:
+        raise UserInputError(
+            f"Checkpoint {str(path)!r} is damaged or incomplete ({type(error).__name__}: {error}). "
+            "Delete it, or pass another folder to --resume_from_checkpoint."
+        ) from error
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation, model card, Hub
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def generate_images(unet, vae, text_encoder, tokenizer, noise_scheduler, prompt, num_images, resolution,
+                    guidance_scale, num_inference_steps, seed, device, autocast):
+    """Sample with the training modules themselves (no copy, no dtype cast of shared weights)."""
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images = []
+    with torch.no_grad(), autocast:
+        for _ in range(num_images):
+            images.append(
+                pipeline(
+                    prompt,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=generator,
+                ).images[0]
+            )
+    return images
+
+
+def log_validation(accelerator, images, prompt, step, folder, name):
+    """Save images under ``folder`` and log them to the trackers."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        path = os.path.join(folder, f"{name}_{index}.png")
+        image.save(path)
+        paths.append(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(name, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: [wandb.Image(i, caption=f"{index}: {prompt}") for index, i in enumerate(images)]})
+    return paths
+
+
+def public_config(args, **resolved):
+    """The run's settings for training_config.json and the trackers; the hub token never leaves the process."""
+    config = {k: v for k, v in vars(args).items() if k != "hub_token"}
+    config.update(resolved)
+    return config
+
+
+def model_card(config, image_paths, output_dir):
+    """README.md for the output folder / Hub repo."""
+    token = config["placeholder_token"]
+    images = "\n".join(f"![sample]({os.path.relpath(p, output_dir)})" for p in image_paths)
+    settings = "\n".join(
+        f"| `{key}` | `{config[key]}` |"
+        for key in (
+            "alignment_mode", "guidance_scale_pretrained", "guidance_scale_personalized", "alignment_weight",
+            "alignment_noise", "alignment_timestep", "alignment_weighting", "rescale", "timestep_min_ratio",
+            "timestep_max_ratio", "rank", "lora_alpha", "learning_rate", "embedding_learning_rate", "max_train_steps",
+            "train_batch_size", "gradient_accumulation_steps", "resolution", "mixed_precision", "seed",
+        )
+    )
+    return f"""---
+base_model: {config["pretrained_model_name_or_path"]}
+library_name: diffusers
+license: other
+tags:
+- text-to-image
+- diffusers
+- lora
+- textual-inversion
+- palp
+- stable-diffusion
+instance_prompt: {json.dumps(config["personalization_prompt_resolved"])}
+---
+
+# PALP personalization: `{token}` ({config["class_name"]})
+
+LoRA + textual-inversion embedding trained with PALP (Prompt Aligned Personalization, Arar et al., 2024) on
+`{config["pretrained_model_name_or_path"]}` for one target prompt.
+
+- Target prompt: `{config["target_prompt"]}`
+- Clean prompt (pre-trained model's view, y_c): `{config["clean_prompt_resolved"]}`
+- Personalization prompt (y_P): `{config["personalization_prompt_resolved"]}`
+- Placeholder token: `{token}`, class `{config["class_name"]}`
+- Base model: `{config["pretrained_model_name_or_path"]}`
+
+## Use it with diffusers
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{config["pretrained_model_name_or_path"]}", torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("path/or/repo-of-this-folder")
+pipe.load_textual_inversion("path/or/repo-of-this-folder", weight_name="{EMBEDDINGS_NAME}")
+image = pipe("{config["target_prompt"]}").images[0]
+```
+
+`{KOHYA_LORA_NAME}` is the same LoRA for AUTOMATIC1111 / ComfyUI; `{EMBEDDINGS_NAME}` holds the token's embedding.
+
+## Training settings
+
+| setting | value |
+|---|---|
+{settings}
+
+## Samples (`{config["validation_prompt_resolved"]}`)
+
+{images}
+"""
+
+
+def push_to_hub(output_dir, repo_id, token):
+    """Create the repo and upload the folder without checkpoints, optimizer states or partial files."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=output_dir,
+        commit_message="PALP personalization",
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".checkpoint-*", ".checkpoint-*/**", "*.tmp", "logs/**"],
+        token=token,
+    )
+    return repo_id
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to save a checkpoint and stop at the end of the current optimizer step."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+
+def setup_accelerator(args):
+    import logging
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    return accelerator
+
+
+def resolve_seed(args, checkpoint_state):
+    if checkpoint_state is not None:
+        if args.seed is not None and args.seed != checkpoint_state["seed"]:
+            logger.warning(f"--seed {args.seed} differs from the checkpoint's seed {checkpoint_state['seed']}; using the latter.")
+        return checkpoint_state["seed"]
+    if args.seed is not None:
+        return args.seed
+    return int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+
+
+class LatentSampler:
+    """VAE latents of the subject images. With a deterministic crop (``--center_crop`` without ``--random_flip``)
+    each image's posterior is computed once and only its sample is drawn per step."""
+
+    def __init__(self, vae, images, resolution, center_crop, random_flip, device, dtype):
+        self.vae, self.device, self.dtype = vae, device, dtype
+        self.images = [resize_shorter_side(image, resolution) for image in images]
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.cache = {} if center_crop and not random_flip else None
+
+    def posterior(self, index, generator):
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        pixels = image_to_tensor(self.images[index], self.resolution, self.center_crop, self.random_flip, generator)
+        with torch.no_grad():
+            dist = self.vae.encode(pixels[None].to(self.device, dtype=self.dtype)).latent_dist
+        entry = (dist.mean.float(), dist.std.float())
+        if self.cache is not None:
+            self.cache[index] = entry
+        return entry
+
+    def __call__(self, indices, generator):
+        mean, std = (torch.cat(parts) for parts in zip(*(self.posterior(i, generator) for i in indices)))
+        sample = mean + std * torch.randn(mean.shape, generator=generator).to(self.device)
+        return (sample * self.vae.config.scaling_factor).to(self.dtype)
+
+
+def stop_requested(accelerator, stop):
+    """Every rank stops at the same step, whichever of them received the signal."""
+    flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return bool(flag.item() > 0)
+
+
+def prepare_models(args, accelerator, tokenizer, tokens, class_names):
+    """Frozen models in the training dtype, the placeholder rows and the LoRA in fp32."""
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    text_encoder, vae, unet, noise_scheduler = load_models(args)
+    _, embedding = add_placeholder_tokens(tokenizer, text_encoder, tokens, class_names)
+    for model in (vae, text_encoder, unet):
+        model.to(accelerator.device, dtype=weight_dtype)
+    lora_config = add_lora(unet, args.rank, args.lora_alpha or args.rank, args.lora_dropout)
+    # Mixed precision computes in fp16/bf16, but what trains (LoRA, the token rows) is stored in fp32.
+    cast_training_params([unet, text_encoder], dtype=torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    return text_encoder, vae, unet, noise_scheduler, embedding, lora_config, weight_dtype
+
+
+def main(args):
+    accelerator = setup_accelerator(args)
+    # Inputs first: everything a user can get wrong fails here, before a model is loaded.
+    images = (
+        load_instance_images(args.instance_data_dir)
+        if args.instance_data_dir
+        else load_dataset_images(args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir)
+    )
+    tokenizer = load_tokenizer(args)
+    token = args.placeholder_token
+    personalization_prompt = format_prompt(args.personalization_prompt, token)
+    clean_prompt = args.clean_prompt or default_clean_prompt(args.target_prompt, token, args.class_name)
+    validation_prompt = args.validation_prompt or args.target_prompt
+    resume_path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    seed = resolve_seed(args, read_checkpoint_state(resume_path) if resume_path else None)
+    set_seed(seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    text_encoder, vae, unet, noise_scheduler, embedding, lora_config, weight_dtype = prepare_models(
+        args, accelerator, tokenizer, [token], [args.class_name]
+    )
+    lora_params, embedding_params = trainable_parameters(unet, embedding)
+    optimizer = build_optimizer(args, lora_params, embedding_params, accelerator.num_processes)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    base_unet, base_text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+
+    global_step = 0
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, base_unet, [token], embedding, optimizer, lr_scheduler, accelerator.scaler)
+        global_step = state["global_step"]
+        logger.info(f"Resumed from {resume_path} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        logger.info("No checkpoint to resume from; starting a new run.")
+
+    # Prompts that never change are encoded once; y_P is re-encoded every step because [V] is learning.
+    device = accelerator.device
+    with torch.no_grad():
+        fixed = encode_prompts(base_text_encoder, tokenize(tokenizer, [clean_prompt, ""]).to(device)).to(weight_dtype)
+    cond_clean, uncond = fixed[:1], fixed[1:]
+    personal_ids = tokenize(tokenizer, [personalization_prompt] * args.train_batch_size).to(device)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    t_bounds = timestep_bounds(noise_scheduler.config.num_train_timesteps, args.timestep_min_ratio, args.timestep_max_ratio)
+    alignment = AlignmentConfig.from_args(args)
+    latent_sampler = LatentSampler(vae, images, args.resolution, args.center_crop, args.random_flip, device, weight_dtype)
+
+    config = public_config(
+        args,
+        seed=seed,
+        clean_prompt_resolved=clean_prompt,
+        personalization_prompt_resolved=personalization_prompt,
+        validation_prompt_resolved=validation_prompt,
+        lora_alpha=args.lora_alpha or args.rank,
+    )
+    if accelerator.is_main_process:
+        accelerator.init_trackers("palp", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
+    logger.info(
+        f"PALP: {len(images)} image(s), y_P={personalization_prompt!r}, y_c={clean_prompt!r}, mode={alignment.mode}, "
+        f"α={alignment.guidance_scale_pretrained}, β={alignment.guidance_scale_personalized}, seed={seed}"
+    )
+
+    stop = StopRequest()
+    stop.install()
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    micro_step = global_step * args.gradient_accumulation_steps
+    unet.train()
+    while global_step < args.max_train_steps:
+        with accelerator.accumulate(unet, text_encoder):
+            generator = step_generator(seed, accelerator.process_index, micro_step)
+            indices = batch_indices(
+                len(images), args.train_batch_size, micro_step, seed, accelerator.process_index, accelerator.num_processes
+            )
+            latents = latent_sampler(indices, generator)
+            noise, t1, t2, noise2 = (x.to(device) for x in sample_step_noise(latents.shape, t_bounds, alignment, generator))
+            with accelerator.autocast():
+                cond_personal = encode_prompts(text_encoder, personal_ids)
+                loss_pers, loss_align = palp_losses(
+                    unet, base_unet, latents, noise.to(weight_dtype), t1, t2, noise2.to(weight_dtype),
+                    cond_personal, cond_clean, uncond, alphas_cumprod, noise_scheduler.config.prediction_type, alignment,
+                )
+            loss = loss_pers + alignment.weight * loss_align
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(lora_params + embedding_params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro_step += 1
+        if not accelerator.sync_gradients:
+            continue
+
+        global_step += 1
+        progress.update(1)
+        logs = {"loss": loss.item(), "loss_pers": loss_pers.item(), "loss_align": loss_align.item(),
+                "lr": lr_scheduler.get_last_lr()[0]}
+        if not math.isfinite(logs["loss"]):
+            raise FloatingPointError(
+                f"The loss became {logs['loss']} at step {global_step} (L_pers={logs['loss_pers']}, "
+                f"L_align={logs['loss_align']}); nothing was saved. Try --mixed_precision bf16 instead of fp16, "
+                "a lower --learning_rate, or a lower --alignment_weight."
+            )
+        progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
+        accelerator.log(logs, step=global_step)
+
+        stopping = stop_requested(accelerator, stop)
+        if accelerator.is_main_process and (global_step % args.checkpointing_steps == 0 or stopping):
+            path = save_checkpoint(
+                args.output_dir, global_step, base_unet, lora_config, [token], embedding, optimizer, lr_scheduler,
+                accelerator.scaler, seed, args.checkpoints_total_limit,
+            )
+            logger.info(f"Saved checkpoint {path}")
+        if stopping:
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            raise SystemExit(
+                f"Stopped by a signal at step {global_step}; checkpoint-{global_step} is saved in {args.output_dir}. "
+                "Resume with --resume_from_checkpoint latest."
+            )
+        if (
+            args.validation_steps
+            and global_step % args.validation_steps == 0
+            and global_step < args.max_train_steps
+            and args.num_validation_images > 0
+            and accelerator.is_main_process
+        ):
+            validate(accelerator, args, base_unet, vae, base_text_encoder, tokenizer, noise_scheduler,
+                     validation_prompt, seed, global_step, f"step-{global_step}")
+            unet.train()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_outputs(accelerator, args, config, base_unet, lora_config, [token], embedding, vae, base_text_encoder,
+                     tokenizer, noise_scheduler, validation_prompt, seed, global_step)
+    accelerator.end_training()
+
+
+def validate(accelerator, args, unet, vae, text_encoder, tokenizer, noise_scheduler, prompt, seed, step, name):
+    unet.eval()
+    images = generate_images(
+        unet, vae, text_encoder, tokenizer, noise_scheduler, prompt, args.num_validation_images, args.resolution,
+        args.validation_guidance_scale, args.validation_num_inference_steps, seed, accelerator.device,
+        accelerator.autocast(),
+    )
+    return log_validation(accelerator, images, prompt, step, os.path.join(args.output_dir, "samples"), name)
+
+
+def save_outputs(accelerator, args, config, unet, lora_config, tokens, embedding, vae, text_encoder, tokenizer,
+                 noise_scheduler, validation_prompt, seed, step):
+    """Final files: embeddings, LoRA (diffusers + kohya), samples, config, and the model card last."""
+    output_dir = args.output_dir
+    save_embeddings(output_dir, tokens, embedding)
+    save_lora(output_dir, unet, lora_config)
+    image_paths = []
+    if args.num_validation_images > 0:
+        image_paths = validate(accelerator, args, unet, vae, text_encoder, tokenizer, noise_scheduler,
+                               validation_prompt, seed, step, "final")
+    Path(output_dir, CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
+    Path(output_dir, "README.md").write_text(model_card(config, image_paths, output_dir))
+    logger.info(f"Saved LoRA and embedding to {output_dir}")
+    if args.push_to_hub:
+        repo_id = push_to_hub(output_dir, args.hub_model_id or Path(output_dir).name, args.hub_token)
+        logger.info(f"Uploaded to https://huggingface.co/{repo_id}")
+
+
+def cli(input_args=None):
+    try:
+        args = parse_args(input_args)
+        main(args)
+    except UserInputError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    cli()
