@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import signal
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -659,8 +660,10 @@ class PlaceholderEmbedding(torch.nn.Module):
 def add_placeholder_tokens(tokenizer, text_encoder, tokens, class_names):
     """Add one token per subject, initialised from the mean embedding of its class noun; return the ids and the
     PlaceholderEmbedding that now serves as the text encoder's input embedding."""
+    vocab = tokenizer.get_vocab()
     for token in tokens:
-        if token in tokenizer.get_vocab():
+        # "cat" is stored as "cat</w>": a word is known when it already encodes to a single token.
+        if token in vocab or len(tokenizer.encode(token, add_special_tokens=False)) == 1:
             raise UserInputError(
                 f"--placeholder_token {token!r} is already in the tokenizer's vocabulary: pick a new word, e.g. "
                 f"'<my-{token.strip('<>')}>'."
@@ -730,7 +733,7 @@ def load_instance_images(folder, flag="--instance_data_dir"):
                 image.load()
                 images.append(load_image(image))
         except Exception as error:  # PIL raises many types for broken files
-            logger.warning(f"Skipping {path}: not a readable image ({error}).")
+            warnings.warn(f"Skipping {path}: not a readable image ({error}).", stacklevel=2)
     if not images:
         raise UserInputError(
             f"{flag} {str(folder)!r} holds no readable image ({', '.join(IMAGE_EXTENSIONS)}); add the subject photos."
@@ -1195,9 +1198,16 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal = signum
 
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self)
+    @contextlib.contextmanager
+    def installed(self):
+        """Handle SIGINT/SIGTERM while training; the previous handlers come back afterwards."""
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self) for sig in signals}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def setup_accelerator(args):
@@ -1293,6 +1303,8 @@ def main(args):
     resume_path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     seed = resolve_seed(args, read_checkpoint_state(resume_path) if resume_path else None)
     set_seed(seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -1346,81 +1358,81 @@ def main(args):
         f"α={alignment.guidance_scale_pretrained}, β={alignment.guidance_scale_personalized}, seed={seed}"
     )
 
-    stop = StopRequest()
-    stop.install()
-    progress = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    micro_step = global_step * args.gradient_accumulation_steps
-    unet.train()
-    while global_step < args.max_train_steps:
-        with accelerator.accumulate(unet, text_encoder):
-            generator = step_generator(seed, accelerator.process_index, micro_step)
-            indices = batch_indices(
-                len(images), args.train_batch_size, micro_step, seed, accelerator.process_index, accelerator.num_processes
-            )
-            latents = latent_sampler(indices, generator)
-            noise, t1, t2, noise2 = (x.to(device) for x in sample_step_noise(latents.shape, t_bounds, alignment, generator))
-            with accelerator.autocast():
-                cond_personal = encode_prompts(text_encoder, personal_ids)
-                loss_pers, loss_align = palp_losses(
-                    unet, base_unet, latents, noise.to(weight_dtype), t1, t2, noise2.to(weight_dtype),
-                    cond_personal, cond_clean, uncond, alphas_cumprod, noise_scheduler.config.prediction_type, alignment,
+    with StopRequest().installed() as stop:
+        progress = tqdm(
+            range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+        )
+        micro_step = global_step * args.gradient_accumulation_steps
+        unet.train()
+        while global_step < args.max_train_steps:
+            with accelerator.accumulate(unet, text_encoder):
+                generator = step_generator(seed, accelerator.process_index, micro_step)
+                indices = batch_indices(
+                    len(images), args.train_batch_size, micro_step, seed, accelerator.process_index, accelerator.num_processes
                 )
-            loss = loss_pers + alignment.weight * loss_align
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(lora_params + embedding_params, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro_step += 1
-        if not accelerator.sync_gradients:
-            continue
+                latents = latent_sampler(indices, generator)
+                noise, t1, t2, noise2 = (x.to(device) for x in sample_step_noise(latents.shape, t_bounds, alignment, generator))
+                with accelerator.autocast():
+                    cond_personal = encode_prompts(text_encoder, personal_ids)
+                    loss_pers, loss_align = palp_losses(
+                        unet, base_unet, latents, noise.to(weight_dtype), t1, t2, noise2.to(weight_dtype),
+                        cond_personal, cond_clean, uncond, alphas_cumprod, noise_scheduler.config.prediction_type, alignment,
+                    )
+                loss = loss_pers + alignment.weight * loss_align
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(lora_params + embedding_params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            if not accelerator.sync_gradients:
+                continue
 
-        global_step += 1
-        progress.update(1)
-        logs = {"loss": loss.item(), "loss_pers": loss_pers.item(), "loss_align": loss_align.item(),
-                "lr": lr_scheduler.get_last_lr()[0]}
-        if not math.isfinite(logs["loss"]):
-            raise FloatingPointError(
-                f"The loss became {logs['loss']} at step {global_step} (L_pers={logs['loss_pers']}, "
-                f"L_align={logs['loss_align']}); nothing was saved. Try --mixed_precision bf16 instead of fp16, "
-                "a lower --learning_rate, or a lower --alignment_weight."
-            )
-        progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
-        accelerator.log(logs, step=global_step)
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.item(), "loss_pers": loss_pers.item(), "loss_align": loss_align.item(),
+                    "lr": lr_scheduler.get_last_lr()[0]}
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(
+                    f"The loss became {logs['loss']} at step {global_step} (L_pers={logs['loss_pers']}, "
+                    f"L_align={logs['loss_align']}); nothing was saved. Try --mixed_precision bf16 instead of fp16, "
+                    "a lower --learning_rate, or a lower --alignment_weight."
+                )
+            progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
+            accelerator.log(logs, step=global_step)
 
-        stopping = stop_requested(accelerator, stop)
-        if accelerator.is_main_process and (global_step % args.checkpointing_steps == 0 or stopping):
-            path = save_checkpoint(
-                args.output_dir, global_step, base_unet, lora_config, [token], embedding, optimizer, lr_scheduler,
-                accelerator.scaler, seed, args.checkpoints_total_limit,
-            )
-            logger.info(f"Saved checkpoint {path}")
-        if stopping:
-            accelerator.wait_for_everyone()
-            accelerator.end_training()
-            raise SystemExit(
-                f"Stopped by a signal at step {global_step}; checkpoint-{global_step} is saved in {args.output_dir}. "
-                "Resume with --resume_from_checkpoint latest."
-            )
-        if (
-            args.validation_steps
-            and global_step % args.validation_steps == 0
-            and global_step < args.max_train_steps
-            and args.num_validation_images > 0
-            and accelerator.is_main_process
-        ):
-            validate(accelerator, args, base_unet, vae, base_text_encoder, tokenizer, noise_scheduler,
-                     validation_prompt, seed, global_step, f"step-{global_step}")
-            unet.train()
+            stopping = stop_requested(accelerator, stop)
+            if accelerator.is_main_process and (global_step % args.checkpointing_steps == 0 or stopping):
+                path = save_checkpoint(
+                    args.output_dir, global_step, base_unet, lora_config, [token], embedding, optimizer, lr_scheduler,
+                    accelerator.scaler, seed, args.checkpoints_total_limit,
+                )
+                logger.info(f"Saved checkpoint {path}")
+            if stopping:
+                accelerator.wait_for_everyone()
+                accelerator.end_training()
+                raise SystemExit(
+                    f"Stopped by a signal at step {global_step}; checkpoint-{global_step} is saved in {args.output_dir}. "
+                    "Resume with --resume_from_checkpoint latest."
+                )
+            if (
+                args.validation_steps
+                and global_step % args.validation_steps == 0
+                and global_step < args.max_train_steps
+                and args.num_validation_images > 0
+                and accelerator.is_main_process
+            ):
+                validate(accelerator, args, base_unet, vae, base_text_encoder, tokenizer, noise_scheduler,
+                         validation_prompt, seed, global_step, f"step-{global_step}")
+                unet.train()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_outputs(accelerator, args, config, base_unet, lora_config, [token], embedding, vae, base_text_encoder,
                      tokenizer, noise_scheduler, validation_prompt, seed, global_step)
     accelerator.end_training()
+    return {"unet": base_unet, "text_encoder": base_text_encoder, "embedding": embedding, "global_step": global_step}
 
 
 def validate(accelerator, args, unet, vae, text_encoder, tokenizer, noise_scheduler, prompt, seed, step, name):

@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-# coding=utf-8
 """Measure a PALP model the way the paper does: text alignment with the clean prompt and image alignment with
 the subject's photos.
 
 The script either generates ``--num_images`` images of ``--target_prompt`` (base model + the LoRA and learned
 token embeddings found in ``--trained_dir``, seeds ``--seed``, ``--seed + 1``, ...) or reads an existing folder of
-images (``--image_dir``), then writes ``metrics.json`` and ``metrics.md`` to ``--output_dir``.
+images (``--image_dir``), then writes ``metrics.json`` and ``metrics.md`` to ``--output_dir``. Flags left out
+(base model, target and clean prompts, instance folder) are read from ``--trained_dir/training_config.json``, so
+
+    python examples/evaluate_palp.py --trained_dir palp-cat-sketch --prompt_elements "style=a sketch" "ambiance=Paris"
+
+evaluates a run on the prompt it was trained for.
 
 Metrics (all raw cosine similarities in [-1, 1], no ×100 or ×2.5 rescaling; the paper reports e.g. 0.340):
 
@@ -25,7 +29,6 @@ The paper uses CLIP ViT-B/32 (``openai/clip-vit-base-patch32``), SD v1.4, 8 samp
 """
 
 import argparse
-import gc
 import json
 import logging
 import math
@@ -33,7 +36,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ def parse_args(input_args=None):
             "embedding and the CLIP text embedding of --clean_prompt (and of each --prompt_elements text). "
             "CLIP-I = mean over all (generated, instance image) pairs of the raw cosine between CLIP image "
             "embeddings. DINO (optional) = the same pairwise mean with the [CLS] features of a DINO ViT. "
+            "Raw cosines, on the scale of the paper's tables (e.g. CLIP-T 0.340). "
             "Writes metrics.json and metrics.md to --output_dir."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -62,7 +65,10 @@ def parse_args(input_args=None):
         "--pretrained_model_name_or_path",
         type=str,
         default=None,
-        help="Base Stable Diffusion model (Hub id or local folder) the PALP model was trained on. Required unless --image_dir is given.",
+        help=(
+            "Base Stable Diffusion model (Hub id or local folder) the PALP model was trained on. Required to generate "
+            "images; default: the one recorded in --trained_dir/training_config.json."
+        ),
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
     parser.add_argument("--variant", type=str, default=None, help="Variant of the base model files, e.g. 'fp16'.")
@@ -72,7 +78,9 @@ def parse_args(input_args=None):
         default=None,
         help=(
             "Training output folder (train_palp.py's --output_dir): its LoRA (--lora_weight_name) and every "
-            "learned_embeds*.safetensors in it are loaded. Leave out to evaluate the base model alone."
+            "learned_embeds*.safetensors in it are loaded; its training_config.json supplies defaults for the flags "
+            "left out. With --image_dir only the defaults and the learned tokens (for checks) are used. Leave out to "
+            "evaluate the base model alone."
         ),
     )
     parser.add_argument(
@@ -105,13 +113,19 @@ def parse_args(input_args=None):
         "--target_prompt",
         type=str,
         default=None,
-        help="Prompt with the learned token used to generate, e.g. 'A sketch of <palp-cat> in Paris'. Required when generating.",
+        help=(
+            "Prompt with the learned token used to generate, e.g. 'A sketch of <palp-cat> in Paris'. Required to "
+            "generate images; default: the target prompt recorded in --trained_dir/training_config.json."
+        ),
     )
     parser.add_argument(
         "--clean_prompt",
         type=str,
-        required=True,
-        help="The target prompt with the learned token replaced by the class noun, e.g. 'A sketch of a cat in Paris'. CLIP-T is measured against it.",
+        default=None,
+        help=(
+            "The target prompt with the learned token replaced by the class noun, e.g. 'A sketch of a cat in Paris'. "
+            "CLIP-T is measured against it. Default: the clean prompt recorded in --trained_dir/training_config.json."
+        ),
     )
     parser.add_argument(
         "--prompt_elements",
@@ -127,8 +141,11 @@ def parse_args(input_args=None):
         "--instance_data_dir",
         type=str,
         action="append",
-        required=True,
-        help="Folder of the subject's training images for CLIP-I (and DINO); repeat the flag for several subjects.",
+        default=None,
+        help=(
+            "Folder of the subject's training images for CLIP-I (and DINO); repeat the flag for several subjects. "
+            "Default: the folder recorded in --trained_dir/training_config.json."
+        ),
     )
     # Metric models.
     parser.add_argument(
@@ -145,19 +162,34 @@ def parse_args(input_args=None):
     )
     # Generation.
     parser.add_argument(
-        "--num_images", type=int, default=8, help="Images to generate (the paper: 8 per prompt). Seeds are --seed, --seed + 1, ..."
+        "--num_images",
+        type=int,
+        default=8,
+        help="Images to generate (the paper: 8 per prompt). Seeds are --seed, --seed + 1, ...",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first generated image.")
     parser.add_argument(
-        "--num_inference_steps", type=int, default=50, help="Denoising steps (ours; the paper does not state its sampler settings)."
+        "--num_inference_steps",
+        type=int,
+        default=50,
+        help="Denoising steps (ours; the paper does not state its sampler settings).",
     )
-    parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale (ours, the SD default).")
-    parser.add_argument("--negative_prompt", type=str, default=None, help="Negative prompt (none by default).")
-    parser.add_argument("--lora_scale", type=float, default=1.0, help="Weight of the LoRA: 0 gives the base UNet, 1 the trained one.")
     parser.add_argument(
-        "--resolution", type=int, default=None, help="Height and width of the generated images; default: the base model's (512 for SD 1.x)."
+        "--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale (ours, the SD default)."
     )
-    parser.add_argument("--device", type=str, default=None, help="Device, e.g. 'cuda' or 'cpu'; default: cuda if available, else cpu.")
+    parser.add_argument("--negative_prompt", type=str, default=None, help="Negative prompt (none by default).")
+    parser.add_argument(
+        "--lora_scale", type=float, default=1.0, help="Weight of the LoRA: 0 gives the base UNet, 1 the trained one."
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Height and width of the generated images; default: the base model's (512 for SD 1.x).",
+    )
+    parser.add_argument(
+        "--device", type=str, default=None, help="Device, e.g. 'cuda' or 'cpu'; default: cuda if available, else cpu."
+    )
     parser.add_argument(
         "--dtype",
         type=str,
@@ -166,8 +198,18 @@ def parse_args(input_args=None):
         help="Diffusion model dtype; 'auto' = float16 on cuda, float32 otherwise. The metric models always run in float32.",
     )
     # Output.
-    parser.add_argument("--output_dir", type=str, default="palp-evaluation", help="Where metrics.json, metrics.md and the generated images go.")
-    parser.add_argument("--label", type=str, default=None, help="Row name in the markdown table; default: the --trained_dir folder name.")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="palp-evaluation",
+        help="Where metrics.json, metrics.md and the generated images go.",
+    )
+    parser.add_argument(
+        "--label",
+        type=str,
+        default=None,
+        help="Row name in the markdown table; default: the --trained_dir folder name.",
+    )
     parser.add_argument(
         "--save_images",
         action=argparse.BooleanOptionalAction,
@@ -235,9 +277,40 @@ def parse_prompt_elements(elements):
     return parsed
 
 
+def fill_from_training_config(args):
+    """Flags left out are taken from --trained_dir/training_config.json (written by train_palp.py), so that
+    ``--trained_dir`` alone evaluates a run on the prompt and photos it was trained with."""
+    path = Path(args.trained_dir or "", "training_config.json")
+    if args.trained_dir is None or not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    instance_dirs = config.get("instance_data_dir")
+    defaults = {
+        "pretrained_model_name_or_path": config.get("pretrained_model_name_or_path"),
+        "target_prompt": config.get("target_prompt"),
+        # train_palp.py records the clean prompt it derived (class noun in place of the token) separately.
+        "clean_prompt": config.get("clean_prompt_resolved") or config.get("clean_prompt"),
+        "instance_data_dir": [instance_dirs] if isinstance(instance_dirs, str) else instance_dirs,
+    }
+    if args.image_dir is not None:
+        # Nothing is generated: the base model and the target prompt would not be used.
+        del defaults["pretrained_model_name_or_path"], defaults["target_prompt"]
+    for name, value in defaults.items():
+        if getattr(args, name) is None and value:
+            setattr(args, name, value)
+            logger.info(f"--{name} not given: using {value!r} from {path}.")
+
+
 def check_inputs(args):
     """Catch every mistake a user can make before any model loads; returns what the run needs."""
-    inputs = {"lora_path": None, "embedding_paths": [], "tokens": [], "generated_paths": None}
+    fill_from_training_config(args)
+    inputs = {"generated_paths": None}
+    if args.clean_prompt is None:
+        raise ValueError(
+            "--clean_prompt is required (e.g. 'A sketch of a cat in Paris'), unless --trained_dir has a training_config.json."
+        )
+    if not args.instance_data_dir:
+        raise ValueError("--instance_data_dir is required, unless --trained_dir has a training_config.json.")
     if args.image_dir is not None:
         if not Path(args.image_dir).is_dir():
             raise ValueError(f"--image_dir {args.image_dir} is not a folder.")
@@ -251,21 +324,24 @@ def check_inputs(args):
             raise ValueError("--target_prompt is required to generate images (or pass --image_dir).")
         if args.num_images < 1:
             raise ValueError("--num_images must be at least 1.")
-        lora_path, embedding_paths = find_trained_weights(args.trained_dir, args.lora_weight_name, args.embedding)
-        tokens = [read_embedding_token(path) for path in embedding_paths]
-        duplicates = sorted({t for t in tokens if tokens.count(t) > 1})
-        if duplicates:
-            raise ValueError(f"Token(s) {duplicates} come from more than one embedding file; check --trained_dir and --embedding.")
-        missing = [t for t in tokens if t not in args.target_prompt]
-        if tokens and len(missing) == len(tokens):
-            logger.warning(f"--target_prompt {args.target_prompt!r} contains none of the learned tokens {tokens}.")
-        inputs.update(lora_path=lora_path, embedding_paths=embedding_paths, tokens=tokens)
-    leaked = [t for t in inputs["tokens"] if t in args.clean_prompt]
+
+    lora_path, embedding_paths = find_trained_weights(args.trained_dir, args.lora_weight_name, args.embedding)
+    tokens = [read_embedding_token(path) for path in embedding_paths]
+    duplicates = sorted({t for t in tokens if tokens.count(t) > 1})
+    if duplicates:
+        raise ValueError(
+            f"Token(s) {duplicates} come from more than one embedding file; check --trained_dir and --embedding."
+        )
+    if args.image_dir is None and tokens and not any(t in args.target_prompt for t in tokens):
+        logger.warning(f"--target_prompt {args.target_prompt!r} contains none of the learned tokens {tokens}.")
+    leaked = [t for t in tokens if t in args.clean_prompt]
     if leaked:
         raise ValueError(
             f"--clean_prompt contains the learned token(s) {leaked}; it must name the class instead (e.g. 'a cat'), "
             "since CLIP has never seen the token."
         )
+    inputs.update(lora_path=lora_path, embedding_paths=embedding_paths, tokens=tokens)
+
     inputs["elements"] = parse_prompt_elements(args.prompt_elements)
     inputs["instance_paths"] = {}
     for folder in args.instance_data_dir:
@@ -386,36 +462,44 @@ def image_alignment(generated_embeds, instance_embeds_per_subject):
     all_instances = torch.cat(list(instance_embeds_per_subject.values()))
     per_image = cosine_matrix(generated_embeds, all_instances).mean(dim=1)
     per_subject = {
-        name: cosine_matrix(generated_embeds, embeds).mean().item() for name, embeds in instance_embeds_per_subject.items()
+        name: cosine_matrix(generated_embeds, embeds).mean().item()
+        for name, embeds in instance_embeds_per_subject.items()
     }
     return per_image, per_subject
 
 
-def compute_metrics(args, inputs, generated, device):
+def load_metric_models(args, device):
+    """CLIP, and DINO when asked for. Loaded before any image is generated, so a model that cannot be found
+    (e.g. a Hub id with no network) fails the run at once rather than after the sampling."""
+    models = {"clip": load_clip(args.clip_model_name_or_path, device), "dino": None}
+    if args.dino_model_name_or_path is not None:
+        models["dino"] = load_dino(args.dino_model_name_or_path, device)
+    return models
+
+
+def compute_metrics(args, inputs, generated, models, device):
     """All metrics on PIL images; returns (summary metrics, per-image metrics)."""
     instance_images = {folder: load_images(paths) for folder, paths in inputs["instance_paths"].items()}
     texts = [args.clean_prompt] + list(inputs["elements"].values())
 
-    model, tokenizer, processor = load_clip(args.clip_model_name_or_path, device)
+    model, tokenizer, processor = models["clip"]
     text_embeds = clip_text_embeddings(model, tokenizer, texts, device)
     gen_embeds = clip_image_embeddings(model, processor, generated, device, args.batch_size)
     inst_embeds = {
         folder: clip_image_embeddings(model, processor, images, device, args.batch_size)
         for folder, images in instance_images.items()
     }
-    del model
     text_scores = cosine_matrix(gen_embeds, text_embeds)  # [images, 1 + elements]
     clip_i_per_image, clip_i_per_subject = image_alignment(gen_embeds, inst_embeds)
 
     dino_per_image, dino_per_subject = None, None
-    if args.dino_model_name_or_path is not None:
-        dino, dino_processor = load_dino(args.dino_model_name_or_path, device)
+    if models["dino"] is not None:
+        dino, dino_processor = models["dino"]
         gen_dino = dino_image_embeddings(dino, dino_processor, generated, device, args.batch_size)
         inst_dino = {
             folder: dino_image_embeddings(dino, dino_processor, images, device, args.batch_size)
             for folder, images in instance_images.items()
         }
-        del dino
         dino_per_image, dino_per_subject = image_alignment(gen_dino, inst_dino)
 
     element_names = list(inputs["elements"])
@@ -461,12 +545,12 @@ def format_markdown(results):
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
         "| " + " | ".join(row) + " |",
         "",
-        f"Clean prompt: \"{results['clean_prompt']}\"",
+        f'Clean prompt: "{results["clean_prompt"]}"',
     ]
     if results.get("target_prompt"):
-        lines.append(f"Target prompt: \"{results['target_prompt']}\"")
+        lines.append(f'Target prompt: "{results["target_prompt"]}"')
     for name, text in elements.items():
-        lines.append(f"- element `{name}`: \"{text}\"")
+        lines.append(f'- element `{name}`: "{text}"')
     lines.append(
         f"CLIP model: `{results['clip_model']}`"
         + (f"; DINO model: `{results['dino_model']}`" if results["dino_model"] else "")
@@ -480,6 +564,7 @@ def main(args):
     device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    models = load_metric_models(args, device)
 
     if inputs["generated_paths"] is not None:
         seeds = None
@@ -489,9 +574,7 @@ def main(args):
         seeds = list(range(args.seed, args.seed + args.num_images))
         pipe = load_pipeline(args, inputs["lora_path"], inputs["embedding_paths"], device, dtype)
         generated = generate_images(pipe, args, seeds)
-        # The diffusion model is done; free it before the metric models load.
         del pipe
-        gc.collect()
         image_files = [None] * len(generated)
         if args.save_images:
             (output_dir / "images").mkdir(exist_ok=True)
@@ -501,7 +584,7 @@ def main(args):
                 image.save(path)
                 image_files.append(str(path))
 
-    metrics, per_image = compute_metrics(args, inputs, generated, device)
+    metrics, per_image = compute_metrics(args, inputs, generated, models, device)
     for i, entry in enumerate(per_image):
         entry["file"] = image_files[i]
         entry["seed"] = None if seeds is None else seeds[i]

@@ -1,5 +1,4 @@
 #!/usr/bin/env python
-# coding=utf-8
 """Sample a trained PALP model: base Stable Diffusion + the LoRA + the learned token embedding(s).
 
     python examples/sample_palp.py \\
@@ -10,7 +9,8 @@
 
 ``--trained_dir`` is the ``--output_dir`` of train_palp.py: its ``pytorch_lora_weights.safetensors`` is loaded
 with ``pipe.load_lora_weights`` and every ``learned_embeds*.safetensors`` in it (one file per placeholder token)
-with ``pipe.load_textual_inversion``; ``--embedding`` adds more files.
+with ``pipe.load_textual_inversion``; ``--embedding`` adds more files. Without ``--pretrained_model_name_or_path``
+or ``--prompts``, the base model and the target prompt recorded in its ``training_config.json`` are used.
 
 Writes one PNG per (prompt, seed), named ``prompt{i:02d}_seed{seed}.png`` (``i`` = position of the prompt in
 the list), ``grid.png`` (rows = prompts, columns = seeds) and ``sampling_config.json`` (prompts and settings).
@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -41,8 +40,11 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--pretrained_model_name_or_path",
         type=str,
-        required=True,
-        help="Base Stable Diffusion model (Hub id or local folder) the PALP model was trained on.",
+        default=None,
+        help=(
+            "Base Stable Diffusion model (Hub id or local folder) the PALP model was trained on. Default: the one "
+            "recorded in --trained_dir/training_config.json."
+        ),
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
     parser.add_argument("--variant", type=str, default=None, help="Variant of the base model files, e.g. 'fp16'.")
@@ -52,7 +54,9 @@ def parse_args(input_args=None):
         default=None,
         help=(
             "Training output folder (train_palp.py's --output_dir): its LoRA (--lora_weight_name) and every "
-            "learned_embeds*.safetensors in it are loaded. Leave out to sample the base model."
+            "learned_embeds*.safetensors in it are loaded; its training_config.json supplies the base model and "
+            "the target prompt when --pretrained_model_name_or_path / --prompts are left out. Leave out to sample "
+            "the base model."
         ),
     )
     parser.add_argument(
@@ -69,15 +73,29 @@ def parse_args(input_args=None):
         help="Extra learned-token embedding file (one key: the token, value [1, dim]); repeat the flag for several.",
     )
     parser.add_argument(
-        "--prompts", type=str, nargs="+", default=None, help="Prompts, one grid row each, e.g. 'A sketch of <palp-cat> in Paris'."
+        "--prompts",
+        type=str,
+        nargs="+",
+        default=None,
+        help=(
+            "Prompts, one grid row each, e.g. 'A sketch of <palp-cat> in Paris'. Default (without --prompt_file): "
+            "the target prompt recorded in --trained_dir/training_config.json."
+        ),
     )
     parser.add_argument(
-        "--prompt_file", type=str, default=None, help="Text file with one prompt per line (blank lines skipped); added after --prompts."
+        "--prompt_file",
+        type=str,
+        default=None,
+        help="Text file with one prompt per line (blank lines skipped); added after --prompts.",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="Seeds, one grid column each.")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps.")
-    parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale (the SD default).")
-    parser.add_argument("--negative_prompt", type=str, default=None, help="Negative prompt, used for every prompt (none by default).")
+    parser.add_argument(
+        "--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale (the SD default)."
+    )
+    parser.add_argument(
+        "--negative_prompt", type=str, default=None, help="Negative prompt, used for every prompt (none by default)."
+    )
     parser.add_argument(
         "--lora_scale",
         type=float,
@@ -85,7 +103,10 @@ def parse_args(input_args=None):
         help="Weight of the LoRA update: 0 gives the base UNet (the learned tokens still apply), 1 the trained model.",
     )
     parser.add_argument(
-        "--resolution", type=int, default=None, help="Height and width of the images; default: the base model's (512 for SD 1.x)."
+        "--resolution",
+        type=int,
+        default=None,
+        help="Height and width of the images; default: the base model's (512 for SD 1.x).",
     )
     parser.add_argument(
         "--batch_size",
@@ -93,7 +114,9 @@ def parse_args(input_args=None):
         default=1,
         help="Seeds per pipeline call. More is faster on a GPU, but pixels may differ by rounding from batch size 1.",
     )
-    parser.add_argument("--device", type=str, default=None, help="Device, e.g. 'cuda' or 'cpu'; default: cuda if available, else cpu.")
+    parser.add_argument(
+        "--device", type=str, default=None, help="Device, e.g. 'cuda' or 'cpu'; default: cuda if available, else cpu."
+    )
     parser.add_argument(
         "--dtype",
         type=str,
@@ -101,7 +124,12 @@ def parse_args(input_args=None):
         choices=["auto", "float32", "float16", "bfloat16"],
         help="Model dtype; 'auto' = float16 on cuda, float32 otherwise.",
     )
-    parser.add_argument("--output_dir", type=str, default="palp-samples", help="Where the images, grid.png and sampling_config.json go.")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="palp-samples",
+        help="Where the images, grid.png and sampling_config.json go.",
+    )
 
     args = parser.parse_args(input_args)
     return args
@@ -144,6 +172,23 @@ def read_embedding_token(path):
     return keys[0]
 
 
+def fill_from_training_config(args):
+    """The base model and the target prompt of the run, from --trained_dir/training_config.json (written by
+    train_palp.py), when their flags are left out: ``--trained_dir`` alone samples what the run was trained for."""
+    path = Path(args.trained_dir or "", "training_config.json")
+    if args.trained_dir is None or not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if args.pretrained_model_name_or_path is None and config.get("pretrained_model_name_or_path"):
+        args.pretrained_model_name_or_path = config["pretrained_model_name_or_path"]
+        logger.info(
+            f"--pretrained_model_name_or_path not given: using {args.pretrained_model_name_or_path!r} from {path}."
+        )
+    if args.prompts is None and args.prompt_file is None and config.get("target_prompt"):
+        args.prompts = [config["target_prompt"]]
+        logger.info(f"--prompts not given: using the target prompt {config['target_prompt']!r} from {path}.")
+
+
 def read_prompts(prompts, prompt_file):
     prompts = list(prompts or [])
     if prompt_file is not None:
@@ -170,6 +215,11 @@ def warn_about_tokens(prompts, tokens):
 
 def check_inputs(args):
     """Catch every mistake a user can make before any model loads; returns what the run needs."""
+    fill_from_training_config(args)
+    if args.pretrained_model_name_or_path is None:
+        raise ValueError(
+            "--pretrained_model_name_or_path is required, unless --trained_dir has a training_config.json."
+        )
     prompts = read_prompts(args.prompts, args.prompt_file)
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds has duplicates: {args.seeds}.")
@@ -179,7 +229,9 @@ def check_inputs(args):
     tokens = [read_embedding_token(path) for path in embedding_paths]
     duplicates = sorted({t for t in tokens if tokens.count(t) > 1})
     if duplicates:
-        raise ValueError(f"Token(s) {duplicates} come from more than one embedding file; check --trained_dir and --embedding.")
+        raise ValueError(
+            f"Token(s) {duplicates} come from more than one embedding file; check --trained_dir and --embedding."
+        )
     warn_about_tokens(prompts, tokens)
     return prompts, lora_path, embedding_paths, tokens
 
@@ -191,7 +243,9 @@ def resolve_device_and_dtype(device, dtype):
     return device, getattr(torch, dtype)
 
 
-def load_pipeline(pretrained_model_name_or_path, lora_path, embedding_paths, device, dtype, revision=None, variant=None):
+def load_pipeline(
+    pretrained_model_name_or_path, lora_path, embedding_paths, device, dtype, revision=None, variant=None
+):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "<palp-cat>"
 
@@ -84,7 +83,20 @@ def pixels(path):
 def test_grid_files_and_reproducibility(tiny_sd_path, trained, tmp_path):
     trained_dir, _ = trained
     prompts = [f"a sketch of {TOKEN} in paris", f"a photo of {TOKEN}"]
-    rows = run(tiny_sd_path, tmp_path / "a", "--trained_dir", trained_dir, "--prompts", *prompts, "--seeds", "0", "1", "2")
+    rows = run(
+        tiny_sd_path,
+        tmp_path / "a",
+        "--trained_dir",
+        trained_dir,
+        "--prompts",
+        *prompts,
+        "--seeds",
+        "0",
+        "1",
+        "2",
+        "--batch_size",
+        "2",
+    )
 
     out = tmp_path / "a"
     names = sorted(p.name for p in out.glob("prompt*.png"))
@@ -106,7 +118,14 @@ def test_grid_files_and_reproducibility(tiny_sd_path, trained, tmp_path):
     assert not np.array_equal(pixels(out / "prompt00_seed0.png"), pixels(out / "prompt00_seed1.png"))
     run(tiny_sd_path, tmp_path / "b", "--trained_dir", trained_dir, "--prompts", prompts[0], "--seeds", "1")
     np.testing.assert_allclose(
-        pixels(tmp_path / "b" / "prompt00_seed1.png").astype(int), pixels(out / "prompt00_seed1.png").astype(int), atol=1
+        pixels(tmp_path / "b" / "prompt00_seed1.png").astype(int),
+        pixels(out / "prompt00_seed1.png").astype(int),
+        atol=1,
+    )
+    # Same settings, same seed: the very same pixels.
+    run(tiny_sd_path, tmp_path / "c", "--trained_dir", trained_dir, "--prompts", prompts[0], "--seeds", "1")
+    np.testing.assert_array_equal(
+        pixels(tmp_path / "c" / "prompt00_seed1.png"), pixels(tmp_path / "b" / "prompt00_seed1.png")
     )
 
 
@@ -115,12 +134,18 @@ def test_lora_scale(tiny_sd_path, trained, tmp_path):
     # No learned token in the prompt, so only the LoRA separates the two models.
     common = ["--prompts", "a photo of cat", "--seeds", "5"]
     base = np.asarray(run(tiny_sd_path, tmp_path / "base", *common)[0][0])
-    scale0 = np.asarray(run(tiny_sd_path, tmp_path / "s0", "--trained_dir", trained_dir, "--lora_scale", "0", *common)[0][0])
+    scale0 = np.asarray(
+        run(tiny_sd_path, tmp_path / "s0", "--trained_dir", trained_dir, "--lora_scale", "0", *common)[0][0]
+    )
     scale1 = np.asarray(run(tiny_sd_path, tmp_path / "s1", "--trained_dir", trained_dir, *common)[0][0])
-    half = np.asarray(run(tiny_sd_path, tmp_path / "s05", "--trained_dir", trained_dir, "--lora_scale", "0.5", *common)[0][0])
+    half = np.asarray(
+        run(tiny_sd_path, tmp_path / "s05", "--trained_dir", trained_dir, "--lora_scale", "0.5", *common)[0][0]
+    )
     np.testing.assert_array_equal(scale0, base)
     assert np.abs(scale1.astype(int) - base.astype(int)).max() > 10
-    assert 0 < np.abs(half.astype(int) - base.astype(int)).mean() < np.abs(scale1.astype(int) - base.astype(int)).mean()
+    assert (
+        0 < np.abs(half.astype(int) - base.astype(int)).mean() < np.abs(scale1.astype(int) - base.astype(int)).mean()
+    )
 
 
 def test_loads_lora_and_embedding(tiny_sd_path, trained):
@@ -142,13 +167,23 @@ def test_finds_every_embedding_file(tmp_path):
     save_file({"<v2>": torch.zeros(1, 32)}, tmp_path / "learned_embeds_dog.safetensors")
     extra = tmp_path / "elsewhere.safetensors"
     save_file({"<v3>": torch.zeros(1, 32)}, extra)
-    lora, embeddings = sample_palp.find_trained_weights(str(tmp_path), "pytorch_lora_weights.safetensors", [str(extra)])
+    lora, embeddings = sample_palp.find_trained_weights(
+        str(tmp_path), "pytorch_lora_weights.safetensors", [str(extra)]
+    )
     assert lora == tmp_path / "pytorch_lora_weights.safetensors"
     assert [sample_palp.read_embedding_token(p) for p in embeddings] == ["<v1>", "<v2>", "<v3>"]
 
     args = sample_palp.parse_args(
-        ["--pretrained_model_name_or_path", "unused", "--trained_dir", str(tmp_path), "--embedding",
-         str(tmp_path / "learned_embeds_cat.safetensors"), "--prompts", "a photo of <v1>"]
+        [
+            "--pretrained_model_name_or_path",
+            "unused",
+            "--trained_dir",
+            str(tmp_path),
+            "--embedding",
+            str(tmp_path / "learned_embeds_cat.safetensors"),
+            "--prompts",
+            "a photo of <v1>",
+        ]
     )
     with pytest.raises(ValueError, match="more than one embedding file"):
         sample_palp.check_inputs(args)
@@ -157,8 +192,16 @@ def test_finds_every_embedding_file(tmp_path):
 def test_prompt_without_learned_token_warns(trained, caplog):
     trained_dir, _ = trained
     args = sample_palp.parse_args(
-        ["--pretrained_model_name_or_path", "unused", "--trained_dir", trained_dir,
-         "--prompts", f"a sketch of {TOKEN} in paris", "a sketch of cat in paris", "a sketch of <palp-kat> in paris"]
+        [
+            "--pretrained_model_name_or_path",
+            "unused",
+            "--trained_dir",
+            trained_dir,
+            "--prompts",
+            f"a sketch of {TOKEN} in paris",
+            "a sketch of cat in paris",
+            "a sketch of <palp-kat> in paris",
+        ]
     )
     with caplog.at_level(logging.WARNING):
         prompts, _, _, tokens = sample_palp.check_inputs(args)
@@ -174,7 +217,10 @@ def test_prompt_without_learned_token_warns(trained, caplog):
     [
         (lambda tmp, trained_dir: ["--trained_dir", str(tmp / "missing")], "--trained_dir"),
         (lambda tmp, trained_dir: ["--trained_dir", str(tmp)], "--trained_dir"),  # a folder without the LoRA
-        (lambda tmp, trained_dir: ["--trained_dir", trained_dir, "--embedding", str(tmp / "nope.safetensors")], "--embedding"),
+        (
+            lambda tmp, trained_dir: ["--trained_dir", trained_dir, "--embedding", str(tmp / "nope.safetensors")],
+            "--embedding",
+        ),
         (lambda tmp, trained_dir: ["--prompt_file", str(tmp / "prompts.txt")], "--prompt_file"),
         (lambda tmp, trained_dir: ["--prompts", "a", "--seeds", "1", "1"], "--seeds"),
     ],
@@ -204,8 +250,42 @@ def test_prompt_file(tmp_path):
 
 def test_cli_help_runs_as_a_script():
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "examples" / "sample_palp.py"), "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPO_ROOT / "examples" / "sample_palp.py"), "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    for flag in ("--guidance_scale", "--num_inference_steps", "--negative_prompt", "--lora_scale", "--seeds", "--dtype"):
+    for flag in (
+        "--guidance_scale",
+        "--num_inference_steps",
+        "--negative_prompt",
+        "--lora_scale",
+        "--seeds",
+        "--dtype",
+    ):
         assert flag in result.stdout
+
+
+def test_defaults_from_training_config(trained, tmp_path):
+    import shutil
+
+    trained_dir = shutil.copytree(trained[0], tmp_path / "run")
+    config = {"pretrained_model_name_or_path": "/models/sd", "target_prompt": f"a sketch of {TOKEN} in paris"}
+    (trained_dir / "training_config.json").write_text(json.dumps(config))
+
+    args = sample_palp.parse_args(["--trained_dir", str(trained_dir)])
+    prompts, _, _, _ = sample_palp.check_inputs(args)
+    assert args.pretrained_model_name_or_path == "/models/sd" and prompts == [config["target_prompt"]]
+
+    # Flags given on the command line win.
+    args = sample_palp.parse_args(
+        ["--trained_dir", str(trained_dir), "--pretrained_model_name_or_path", "other", "--prompts", "a photo of cat"]
+    )
+    prompts, _, _, _ = sample_palp.check_inputs(args)
+    assert args.pretrained_model_name_or_path == "other" and prompts == ["a photo of cat"]
+
+    (trained_dir / "training_config.json").unlink()
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path"):
+        sample_palp.check_inputs(sample_palp.parse_args(["--trained_dir", str(trained_dir)]))

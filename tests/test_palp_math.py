@@ -1,0 +1,363 @@
+"""The PALP mathematics of train_palp.py, checked against independent computations on a tiny UNet with LoRA."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+import train_palp as tp
+
+
+@pytest.fixture(scope="module")
+def lora_unet(tiny_sd_path):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    unet.requires_grad_(False)
+    tp.add_lora(unet, rank=4, alpha=4, dropout=0.0)
+    # A LoRA that is not the identity, so "LoRA on" and "LoRA off" differ.
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return unet
+
+
+def _inputs(seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, 4, 8, 8, generator=g)
+    noise = torch.randn(batch, 4, 8, 8, generator=g)
+    cond = torch.randn(batch, 77, 32, generator=g)
+    cond_clean = torch.randn(1, 77, 32, generator=g)
+    uncond = torch.randn(1, 77, 32, generator=g)
+    return latents, noise, cond, cond_clean, uncond
+
+
+def _lora_params(unet):
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def _alphas():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+
+
+def test_noise_and_x0_are_inverse():
+    alphas = _alphas()
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    a = alphas[torch.tensor([20, 500, 980])]
+    x_t = tp.add_noise(x0, eps, a)
+    torch.testing.assert_close(tp.predicted_original_sample(x_t, eps, a), x0, atol=1e-4, rtol=1e-4)
+    # Per-sample broadcasting: sample 0 at t=20 is almost clean, sample 2 at t=980 almost pure noise.
+    assert (x_t[0] - x0[0]).abs().mean() < 0.2 < (x_t[2] - x0[2]).abs().mean()
+
+
+def test_v_prediction_is_converted_to_epsilon():
+    alphas = _alphas()
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    a = alphas[torch.tensor([100, 700])]
+    x_t = tp.add_noise(x0, eps, a)
+    s = a.sqrt().view(-1, 1, 1, 1)
+    v = s * eps - (1 - s**2).sqrt() * x0
+    torch.testing.assert_close(tp.epsilon_from_model_output(v, x_t, a, "v_prediction"), eps, atol=1e-4, rtol=1e-4)
+    assert tp.epsilon_from_model_output(v, x_t, a, "epsilon") is v
+    with pytest.raises(ValueError, match="sample"):
+        tp.epsilon_from_model_output(v, x_t, a, "sample")
+
+
+def test_classifier_free_guidance_formula():
+    uncond, cond = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0])
+    torch.testing.assert_close(tp.classifier_free_guidance(uncond, cond, 7.5), torch.tensor([16.0, -13.0]))
+    torch.testing.assert_close(tp.classifier_free_guidance(uncond, cond, 1.0), cond)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_alignment_gradient_equals_rescaled_dds_gradient_through_x0(lora_unet, rescale):
+    """∇_θ L_align must equal the DDS gradient D · ∂x̂0/∂θ, rescaled by √ᾱ/√(1-ᾱ) when the rescale is on,
+    computed here independently by autograd through x̂0."""
+    alphas = _alphas()
+    latents, noise, cond, _, _ = _inputs()
+    t1 = torch.tensor([150, 800])
+    a1 = alphas[t1]
+    x_t1 = tp.add_noise(latents, noise, a1)
+    direction = torch.randn_like(latents)
+    weight = torch.tensor([1.0, 0.5])
+    params = _lora_params(lora_unet)
+
+    eps_hat = lora_unet(x_t1, t1, encoder_hidden_states=cond).sample
+    loss = tp.palp_alignment_loss(eps_hat, direction, a1, weight, rescale=rescale)
+    grads = torch.autograd.grad(loss, params)
+
+    eps_hat = lora_unet(x_t1, t1, encoder_hidden_states=cond).sample
+    s = a1.sqrt().view(-1, 1, 1, 1)
+    x0_hat = (x_t1 - (1 - s**2).sqrt() * eps_hat) / s
+    factor = (s / (1 - s**2).sqrt()) if rescale else torch.ones_like(s)
+    per_element = latents[0].numel()
+    # The DDS loss whose gradient on x̂0 is w · D (divided by the element count as the mean is).
+    dds = (weight.view(-1, 1, 1, 1) * factor * direction * x0_hat).sum() / per_element / latents.shape[0]
+    expected = torch.autograd.grad(dds, params)
+
+    assert max(g.abs().max().item() for g in grads) > 0
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_rescale_changes_the_gradient_by_the_timestep_factor(lora_unet):
+    alphas = _alphas()
+    latents, noise, cond, _, _ = _inputs(batch=1)
+    t1 = torch.tensor([900])
+    a1 = alphas[t1]
+    x_t1 = tp.add_noise(latents, noise, a1)
+    direction = torch.randn_like(latents)
+    eps_hat = lora_unet(x_t1, t1, encoder_hidden_states=cond).sample
+    on = tp.palp_alignment_loss(eps_hat, direction, a1, torch.ones(1), rescale=True)
+    off = tp.palp_alignment_loss(eps_hat, direction, a1, torch.ones(1), rescale=False)
+    torch.testing.assert_close(off / on, ((1 - a1) / a1).sqrt()[0], rtol=1e-5, atol=0)
+
+
+def test_descent_step_moves_x0_against_direction(lora_unet):
+    """Sign: a small gradient-descent step on the LoRA moves x̂0 along -D (towards the pre-trained model's picture
+    of the clean prompt)."""
+    alphas = _alphas()
+    latents, noise, cond, _, _ = _inputs(seed=3)
+    t1 = torch.tensor([300, 600])
+    a1 = alphas[t1]
+    x_t1 = tp.add_noise(latents, noise, a1)
+    direction = torch.randn_like(latents)
+    params = _lora_params(lora_unet)
+    backup = [p.detach().clone() for p in params]
+
+    def x0():
+        with torch.no_grad():
+            return tp.predicted_original_sample(x_t1, lora_unet(x_t1, t1, encoder_hidden_states=cond).sample, a1)
+
+    before = x0()
+    loss = tp.palp_alignment_loss(lora_unet(x_t1, t1, encoder_hidden_states=cond).sample, direction, a1, torch.ones(2))
+    grads = torch.autograd.grad(loss, params)
+    try:
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= 1e-2 * g
+        moved = x0() - before
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+    assert (moved * direction).sum() < 0
+    assert (moved * -direction).sum() > 0
+
+
+def test_direction_is_detached_inside_the_loss():
+    eps_hat = torch.randn(1, 4, 2, 2, requires_grad=True)
+    direction = torch.randn(1, 4, 2, 2, requires_grad=True)
+    loss = tp.palp_alignment_loss(eps_hat, direction, torch.tensor([0.5]), torch.ones(1))
+    loss.backward()
+    assert direction.grad is None
+    torch.testing.assert_close(eps_hat.grad, -direction.detach() / direction.numel())
+
+
+def test_pretrained_prediction_ignores_lora_weights(lora_unet):
+    latents, _, cond, _, _ = _inputs()
+    t = torch.tensor([500, 500])
+    with torch.no_grad(), tp.lora_disabled(lora_unet):
+        off_before = lora_unet(latents, t, encoder_hidden_states=cond).sample
+    on_before = lora_unet(latents, t, encoder_hidden_states=cond).sample.detach()
+    params = _lora_params(lora_unet)
+    backup = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.1)
+            with tp.lora_disabled(lora_unet):
+                off_after = lora_unet(latents, t, encoder_hidden_states=cond).sample
+            on_after = lora_unet(latents, t, encoder_hidden_states=cond).sample
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+    torch.testing.assert_close(off_after, off_before, atol=0, rtol=0)
+    assert (on_after - on_before).abs().max() > 1e-4
+    assert (on_before - off_before).abs().max() > 1e-4  # the LoRA really was switched off
+
+
+def test_guided_epsilon_batches_cond_and_uncond(lora_unet):
+    alphas = _alphas()
+    latents, _, cond, _, uncond = _inputs()
+    t = torch.tensor([400, 700])
+    with torch.no_grad():
+        guided = tp.guided_epsilon(lora_unet, latents, t, cond, uncond, 7.5, alphas[t], "epsilon")
+        c = lora_unet(latents, t, encoder_hidden_states=cond).sample
+        u = lora_unet(latents, t, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
+        single = tp.guided_epsilon(lora_unet, latents, t, cond, uncond, 1.0, alphas[t], "epsilon")
+    torch.testing.assert_close(guided, u + 7.5 * (c - u), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(single, c, atol=1e-6, rtol=0)
+
+
+class CallRecorder:
+    """Records, per UNet call, the batch size, whether the output carries a gradient and whether LoRA was on."""
+
+    def __init__(self, unet):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.calls = []
+        self.lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        self.handle = unet.register_forward_hook(self.hook)
+
+    def hook(self, module, args, output):
+        self.calls.append(
+            {
+                "batch": args[0].shape[0],
+                "grad": output.sample.requires_grad,
+                "lora": not self.lora_layers[0].disable_adapters,
+            }
+        )
+
+
+def _run_losses(unet, config, seed=0, prediction_type="epsilon"):
+    alphas = _alphas()
+    latents, noise, cond, cond_clean, uncond = _inputs(seed)
+    cond = cond.requires_grad_(True)
+    t1, t2 = torch.tensor([100, 900]), torch.tensor([600, 300])
+    noise2 = noise if config.noise == "same" else torch.randn_like(noise)
+    recorder = CallRecorder(unet)
+    try:
+        loss_pers, loss_align = tp.palp_losses(
+            unet, unet, latents, noise, t1, t2, noise2, cond, cond_clean, uncond, alphas, prediction_type, config
+        )
+    finally:
+        recorder.handle.remove()
+    return loss_pers, loss_align, recorder.calls, (alphas, latents, noise, noise2, cond, cond_clean, uncond, t1, t2)
+
+
+def test_dds_runs_one_gradient_pass_and_two_batched_gradient_free_passes(lora_unet):
+    config = tp.AlignmentConfig()
+    loss_pers, loss_align, calls, _ = _run_losses(lora_unet, config)
+    assert calls == [
+        {"batch": 2, "grad": True, "lora": True},  # personalization forward: the only one with a graph
+        {"batch": 4, "grad": False, "lora": False},  # pre-trained on [y_c, ∅], one batched call
+        {"batch": 4, "grad": False, "lora": True},  # personalized on [y_P, ∅], one batched call
+    ]
+    assert loss_pers.requires_grad and loss_align.requires_grad
+
+
+def test_beta_one_skips_the_personalized_unconditional_pass(lora_unet):
+    config = tp.AlignmentConfig(guidance_scale_personalized=1.0)
+    _, _, calls, _ = _run_losses(lora_unet, config)
+    assert [c["batch"] for c in calls] == [2, 4, 2]
+
+
+def test_dds_loss_matches_a_direct_computation(lora_unet):
+    config = tp.AlignmentConfig(weighting="one_minus_alpha_bar")
+    _, loss_align, _, inputs = _run_losses(lora_unet, config)
+    alphas, latents, noise, noise2, cond, cond_clean, uncond, t1, t2 = inputs
+    with torch.no_grad():
+        x_t1 = tp.add_noise(latents, noise, alphas[t1])
+        eps_hat = lora_unet(x_t1, t1, encoder_hidden_states=cond).sample
+        x_t2 = tp.add_noise(tp.predicted_original_sample(x_t1, eps_hat, alphas[t1]), noise2, alphas[t2])
+
+        def eps(c, lora):
+            if lora:
+                return lora_unet(x_t2, t2, encoder_hidden_states=c).sample
+            with tp.lora_disabled(lora_unet):
+                return lora_unet(x_t2, t2, encoder_hidden_states=c).sample
+
+        g_pre = eps(uncond.expand(2, -1, -1), False) + 15.0 * (
+            eps(cond_clean.expand(2, -1, -1), False) - eps(uncond.expand(2, -1, -1), False)
+        )
+        g_per = eps(uncond.expand(2, -1, -1), True) + 7.5 * (eps(cond, True) - eps(uncond.expand(2, -1, -1), True))
+        w = (1 - alphas[t2]).view(-1, 1, 1, 1)
+        expected = -(w * (g_pre - g_per) * eps_hat).flatten(1).mean(1).mean()
+    torch.testing.assert_close(loss_align.detach(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sds_uses_pretrained_minus_noise_and_skips_the_personalized_pass(lora_unet):
+    config = tp.AlignmentConfig(mode="sds")
+    _, loss_align, calls, inputs = _run_losses(lora_unet, config)
+    assert [(c["batch"], c["lora"]) for c in calls] == [(2, True), (4, False)]
+    alphas, latents, noise, noise2, cond, cond_clean, uncond, t1, t2 = inputs
+    with torch.no_grad():
+        x_t1 = tp.add_noise(latents, noise, alphas[t1])
+        eps_hat = lora_unet(x_t1, t1, encoder_hidden_states=cond).sample
+        x_t2 = tp.add_noise(tp.predicted_original_sample(x_t1, eps_hat, alphas[t1]), noise2, alphas[t2])
+        with tp.lora_disabled(lora_unet):
+            g_pre = tp.guided_epsilon(
+                lora_unet, x_t2, t2, cond_clean.expand(2, -1, -1), uncond, 15.0, alphas[t2], "epsilon"
+            )
+        expected = -((g_pre - noise2) * eps_hat).flatten(1).mean(1).mean()
+    torch.testing.assert_close(loss_align.detach(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_none_mode_is_the_plain_personalization_loss(lora_unet):
+    config = tp.AlignmentConfig(mode="none")
+    loss_pers, loss_align, calls, inputs = _run_losses(lora_unet, config)
+    alphas, latents, noise, _, cond, *_, t1, _ = inputs
+    assert len(calls) == 1
+    assert loss_align.item() == 0.0
+    with torch.no_grad():
+        pred = lora_unet(tp.add_noise(latents, noise, alphas[t1]), t1, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(loss_pers.detach(), torch.nn.functional.mse_loss(pred, noise), atol=1e-6, rtol=1e-5)
+
+
+def test_v_prediction_personalization_target_is_velocity(lora_unet):
+    config = tp.AlignmentConfig(mode="none")
+    loss_pers, _, _, inputs = _run_losses(lora_unet, config, prediction_type="v_prediction")
+    alphas, latents, noise, _, cond, *_, t1, _ = inputs
+    a = alphas[t1].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        pred = lora_unet(tp.add_noise(latents, noise, alphas[t1]), t1, encoder_hidden_states=cond).sample
+    velocity = a.sqrt() * noise - (1 - a).sqrt() * latents
+    torch.testing.assert_close(loss_pers.detach(), torch.nn.functional.mse_loss(pred, velocity), atol=1e-6, rtol=1e-5)
+
+
+def test_step_noise_options():
+    bounds = (20, 980)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    same = tp.sample_step_noise((2, 4, 8, 8), bounds, tp.AlignmentConfig(), g())
+    fresh = tp.sample_step_noise((2, 4, 8, 8), bounds, tp.AlignmentConfig(noise="fresh", timestep="same"), g())
+    noise, t1, t2, noise2 = same
+    assert noise2 is noise and not torch.equal(t1, t2)
+    noise_f, t1_f, t2_f, noise2_f = fresh
+    assert torch.equal(noise_f, noise) and torch.equal(t1_f, t1)  # the same draws, only the reuse differs
+    assert torch.equal(t2_f, t1_f) and not torch.equal(noise2_f, noise_f)
+    many = tp.sample_step_noise((4096, 1, 1, 1), bounds, tp.AlignmentConfig(), g())
+    assert many[1].min() >= 20 and many[1].max() <= 980 and many[1].min() < 40 and many[1].max() > 960
+    assert tp.timestep_bounds(1000, 0.02, 0.98) == (20, 980)
+
+
+def test_alignment_weighting():
+    a = torch.tensor([0.9, 0.1])
+    torch.testing.assert_close(tp.alignment_timestep_weight(a, "uniform"), torch.ones(2))
+    torch.testing.assert_close(tp.alignment_timestep_weight(a, "one_minus_alpha_bar"), torch.tensor([0.1, 0.9]))
+
+
+@pytest.mark.parametrize(
+    "target,expected",
+    [
+        ("A sketch of <t> in Paris", "A sketch of a cat in Paris"),
+        ("a <t> on the rock", "a cat on the rock"),
+        ("The <t> at night", "The cat at night"),
+        ("<t> as an oil painting", "a cat as an oil painting"),
+    ],
+)
+def test_default_clean_prompt(target, expected):
+    assert tp.default_clean_prompt(target, "<t>", "cat") == expected
+
+
+def test_default_clean_prompt_uses_an_before_vowels():
+    assert tp.default_clean_prompt("A photo of <t>", "<t>", "owl") == "A photo of an owl"
+
+
+def test_batch_indices_cover_each_epoch_and_split_ranks():
+    seen = [tp.batch_indices(5, 1, step, seed=7, rank=0, world_size=1)[0] for step in range(10)]
+    assert sorted(seen[:5]) == list(range(5)) and sorted(seen[5:]) == list(range(5))
+    rank0 = [tp.batch_indices(4, 1, s, 7, 0, 2)[0] for s in range(2)]
+    rank1 = [tp.batch_indices(4, 1, s, 7, 1, 2)[0] for s in range(2)]
+    assert sorted(rank0 + rank1) == [0, 1, 2, 3]  # one epoch split between the two ranks
+    assert tp.batch_indices(5, 2, 3, 7, 0, 1) == tp.batch_indices(5, 2, 3, 7, 0, 1)
+
+
+def test_step_generator_depends_on_seed_rank_and_step_only():
+    draw = lambda *key: torch.rand(3, generator=tp.step_generator(*key))  # noqa: E731
+    assert torch.equal(draw(1, 0, 5), draw(1, 0, 5))
+    assert not torch.equal(draw(1, 0, 5), draw(1, 0, 6))
+    assert not torch.equal(draw(1, 0, 5), draw(1, 1, 5))
+    assert not torch.equal(draw(1, 0, 5), draw(2, 0, 5))
