@@ -57,7 +57,11 @@ from diffusers import (
 )
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+from diffusers.utils import (
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_kohya,
+    convert_unet_state_dict_to_peft,
+)
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageOps
@@ -314,7 +318,10 @@ def parse_args(input_args=None):
 
     # Validation.
     parser.add_argument(
-        "--validation_prompt", type=str, default=None, help="Prompt of the validation images. Default: the target prompt."
+        "--validation_prompt",
+        type=str,
+        default=None,
+        help="Prompt of the validation images. Default: the target prompt.",
     )
     parser.add_argument(
         "--num_validation_images", type=int, default=4, help="Validation images per run (0 disables validation)."
@@ -326,9 +333,7 @@ def parse_args(input_args=None):
         help="Also validate every N optimizer steps (default: only at the end).",
     )
     parser.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation.")
-    parser.add_argument(
-        "--validation_num_inference_steps", type=int, default=25, help="Sampling steps of validation."
-    )
+    parser.add_argument("--validation_num_inference_steps", type=int, default=25, help="Sampling steps of validation.")
 
     # Logging and Hub.
     parser.add_argument(
@@ -550,8 +555,19 @@ def guided_epsilon(unet, x_t, t, cond, uncond, scale, alpha_bar, prediction_type
 
 
 def palp_losses(
-    unet, base_unet, latents, noise, t1, t2, noise2, cond_personal, cond_clean, uncond, alphas_cumprod,
-    prediction_type, config,
+    unet,
+    base_unet,
+    latents,
+    noise,
+    t1,
+    t2,
+    noise2,
+    cond_personal,
+    cond_clean,
+    uncond,
+    alphas_cumprod,
+    prediction_type,
+    config,
 ):
     """One PALP step's two loss terms; returns (L_pers, L_align). Only L_pers's forward pass carries a gradient.
 
@@ -577,14 +593,26 @@ def palp_losses(
         batch = latents.shape[0]
         with lora_disabled(base_unet):
             g_pre = guided_epsilon(
-                base_unet, x_t2, t2, cond_clean.expand(batch, *cond_clean.shape[1:]), uncond,
-                config.guidance_scale_pretrained, a2, prediction_type,
+                base_unet,
+                x_t2,
+                t2,
+                cond_clean.expand(batch, *cond_clean.shape[1:]),
+                uncond,
+                config.guidance_scale_pretrained,
+                a2,
+                prediction_type,
             )
         g_per = None
         if config.mode == "dds":
             g_per = guided_epsilon(
-                base_unet, x_t2, t2, cond_personal.detach(), uncond,
-                config.guidance_scale_personalized, a2, prediction_type,
+                base_unet,
+                x_t2,
+                t2,
+                cond_personal.detach(),
+                uncond,
+                config.guidance_scale_personalized,
+                a2,
+                prediction_type,
             )
         direction = alignment_direction(config.mode, g_pre, g_per, noise2.float())
     weight = alignment_timestep_weight(a2, config.weighting)
@@ -669,7 +697,9 @@ def add_placeholder_tokens(tokenizer, text_encoder, tokens, class_names):
                 f"'<my-{token.strip('<>')}>'."
             )
     if tokenizer.add_tokens(list(tokens)) != len(tokens):
-        raise UserInputError(f"Could not add the placeholder tokens {tokens} to the tokenizer; use new, distinct words.")
+        raise UserInputError(
+            f"Could not add the placeholder tokens {tokens} to the tokenizer; use new, distinct words."
+        )
     token_ids = tokenizer.convert_tokens_to_ids(list(tokens))
     for token, token_id in zip(tokens, token_ids):
         if tokenizer.encode(token, add_special_tokens=False) != [token_id]:
@@ -808,7 +838,9 @@ def check_model_folder(path):
     folder = Path(path)
     if not folder.exists():
         return  # a Hub id; from_pretrained reports problems with it
-    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / name).is_dir()]
+    missing = [
+        name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / name).is_dir()
+    ]
     if missing:
         raise UserInputError(
             f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion folder in the diffusers layout "
@@ -839,7 +871,11 @@ def load_models(args):
 def add_lora(unet, rank, alpha, dropout):
     """LoRA on the self- and cross-attention projections (to_q, to_k, to_v, to_out.0), as in the paper."""
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=LORA_TARGET_MODULES,
     )
     unet.add_adapter(config)
     return config
@@ -848,10 +884,6 @@ def add_lora(unet, rank, alpha, dropout):
 def weight_dtype_for(mixed_precision):
     # Keyed on accelerator.mixed_precision, so a precision chosen with `accelerate config` counts too.
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def trainable_parameters(unet, embedding):
-    return [p for p in unet.parameters() if p.requires_grad], [embedding.rows]
 
 
 def build_optimizer(args, lora_params, embedding_params, num_processes):
@@ -975,8 +1007,9 @@ def list_checkpoints(output_dir):
     return sorted(found, key=checkpoint_step)
 
 
-def save_checkpoint(output_dir, step, unet, lora_config, tokens, embedding, optimizer, lr_scheduler, scaler, seed,
-                    total_limit=None):
+def save_checkpoint(
+    output_dir, step, unet, lora_config, tokens, embedding, optimizer, lr_scheduler, scaler, seed, total_limit=None
+):
     """Write ``checkpoint-<step>`` atomically: into a temporary folder, renamed when complete."""
     existing = list_checkpoints(output_dir)
     if total_limit is not None and len(existing) >= total_limit:
@@ -1047,8 +1080,21 @@ def load_checkpoint(path, unet, tokens, embedding, optimizer, lr_scheduler, scal
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def generate_images(unet, vae, text_encoder, tokenizer, noise_scheduler, prompt, num_images, resolution,
-                    guidance_scale, num_inference_steps, seed, device, autocast):
+def generate_images(
+    unet,
+    vae,
+    text_encoder,
+    tokenizer,
+    noise_scheduler,
+    prompt,
+    num_images,
+    resolution,
+    guidance_scale,
+    num_inference_steps,
+    seed,
+    device,
+    autocast,
+):
     """Sample with the training modules themselves (no copy, no dtype cast of shared weights)."""
     pipeline = StableDiffusionPipeline(
         vae=vae,
@@ -1110,10 +1156,26 @@ def model_card(config, image_paths, output_dir):
     settings = "\n".join(
         f"| `{key}` | `{config[key]}` |"
         for key in (
-            "alignment_mode", "guidance_scale_pretrained", "guidance_scale_personalized", "alignment_weight",
-            "alignment_noise", "alignment_timestep", "alignment_weighting", "rescale", "timestep_min_ratio",
-            "timestep_max_ratio", "rank", "lora_alpha", "learning_rate", "embedding_learning_rate", "max_train_steps",
-            "train_batch_size", "gradient_accumulation_steps", "resolution", "mixed_precision", "seed",
+            "alignment_mode",
+            "guidance_scale_pretrained",
+            "guidance_scale_personalized",
+            "alignment_weight",
+            "alignment_noise",
+            "alignment_timestep",
+            "alignment_weighting",
+            "rescale",
+            "timestep_min_ratio",
+            "timestep_max_ratio",
+            "rank",
+            "lora_alpha",
+            "learning_rate",
+            "embedding_learning_rate",
+            "max_train_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "resolution",
+            "mixed_precision",
+            "seed",
         )
     )
     return f"""---
@@ -1218,7 +1280,9 @@ def setup_accelerator(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     return accelerator
@@ -1227,7 +1291,9 @@ def setup_accelerator(args):
 def resolve_seed(args, checkpoint_state):
     if checkpoint_state is not None:
         if args.seed is not None and args.seed != checkpoint_state["seed"]:
-            logger.warning(f"--seed {args.seed} differs from the checkpoint's seed {checkpoint_state['seed']}; using the latter.")
+            logger.warning(
+                f"--seed {args.seed} differs from the checkpoint's seed {checkpoint_state['seed']}; using the latter."
+            )
         return checkpoint_state["seed"]
     if args.seed is not None:
         return args.seed
@@ -1287,6 +1353,268 @@ def prepare_models(args, accelerator, tokenizer, tokens, class_names):
     return text_encoder, vae, unet, noise_scheduler, embedding, lora_config, weight_dtype
 
 
+@dataclass
+class TrainingRun:
+    """Everything the training loop touches, built once by ``main``."""
+
+    accelerator: Accelerator
+    args: argparse.Namespace
+    seed: int
+    tokens: list
+    tokenizer: CLIPTokenizer
+    text_encoder: torch.nn.Module  # as prepared by accelerate (maybe distributed)
+    unet: torch.nn.Module  # as prepared by accelerate (maybe distributed)
+    vae: AutoencoderKL
+    noise_scheduler: DDPMScheduler
+    embedding: PlaceholderEmbedding
+    lora_config: LoraConfig
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    weight_dtype: torch.dtype
+    alignment: AlignmentConfig
+    cond_clean: torch.Tensor  # y_c, encoded once: it holds no learned token
+    uncond: torch.Tensor  # ∅, encoded once
+    sample_batch: object  # (micro_step, generator) -> (latents, y_P token ids) of this rank's micro-batch
+    validation_prompt: str
+    config: dict
+    global_step: int = 0
+
+    @property
+    def base_unet(self):
+        return self.accelerator.unwrap_model(self.unet)
+
+    @property
+    def base_text_encoder(self):
+        return self.accelerator.unwrap_model(self.text_encoder)
+
+    @property
+    def trainable(self):
+        return [p for p in self.base_unet.parameters() if p.requires_grad] + [self.embedding.rows]
+
+
+def training_step(run, micro_step):
+    """One micro-batch: draw it, compute L_pers + λ·L_align, back-propagate once, step when accumulation is done."""
+    accelerator, scheduler = run.accelerator, run.noise_scheduler
+    device = accelerator.device
+    with accelerator.accumulate(run.unet, run.text_encoder):
+        generator = step_generator(run.seed, accelerator.process_index, micro_step)
+        latents, personal_ids = run.sample_batch(micro_step, generator)
+        t_bounds = timestep_bounds(
+            scheduler.config.num_train_timesteps, run.args.timestep_min_ratio, run.args.timestep_max_ratio
+        )
+        noise, t1, t2, noise2 = sample_step_noise(latents.shape, t_bounds, run.alignment, generator)
+        with accelerator.autocast():
+            cond_personal = encode_prompts(run.text_encoder, personal_ids.to(device))
+            loss_pers, loss_align = palp_losses(
+                run.unet,
+                run.base_unet,
+                latents,
+                noise.to(device, run.weight_dtype),
+                t1.to(device),
+                t2.to(device),
+                noise2.to(device, run.weight_dtype),
+                cond_personal,
+                run.cond_clean,
+                run.uncond,
+                scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+                scheduler.config.prediction_type,
+                run.alignment,
+            )
+        loss = loss_pers + run.alignment.weight * loss_align
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(run.trainable, run.args.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, loss_pers, loss_align
+
+
+def train_loop(run):
+    """Optimizer steps until --max_train_steps, with logging, checkpoints, validation and clean stops on signals."""
+    accelerator, args = run.accelerator, run.args
+    progress = tqdm(
+        range(args.max_train_steps),
+        initial=run.global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    micro_step = run.global_step * args.gradient_accumulation_steps
+    run.unet.train()
+    with StopRequest().installed() as stop:
+        while run.global_step < args.max_train_steps:
+            loss, loss_pers, loss_align = training_step(run, micro_step)
+            micro_step += 1
+            if not accelerator.sync_gradients:
+                continue
+            run.global_step += 1
+            progress.update(1)
+            logs = {
+                "loss": loss.item(),
+                "loss_pers": loss_pers.item(),
+                "loss_align": loss_align.item(),
+                "lr": run.lr_scheduler.get_last_lr()[0],
+            }
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(
+                    f"The loss became {logs['loss']} at step {run.global_step} (L_pers={logs['loss_pers']}, "
+                    f"L_align={logs['loss_align']}); nothing was saved. Try --mixed_precision bf16 instead of fp16, "
+                    "a lower --learning_rate, or a lower --alignment_weight."
+                )
+            progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
+            accelerator.log(logs, step=run.global_step)
+            stopping = stop_requested(accelerator, stop)
+            if accelerator.is_main_process and (run.global_step % args.checkpointing_steps == 0 or stopping):
+                path = save_checkpoint(
+                    args.output_dir,
+                    run.global_step,
+                    run.base_unet,
+                    run.lora_config,
+                    run.tokens,
+                    run.embedding,
+                    run.optimizer,
+                    run.lr_scheduler,
+                    accelerator.scaler,
+                    run.seed,
+                    args.checkpoints_total_limit,
+                )
+                logger.info(f"Saved checkpoint {path}")
+            if stopping:
+                accelerator.wait_for_everyone()
+                accelerator.end_training()
+                raise SystemExit(
+                    f"Stopped by a signal at step {run.global_step}; checkpoint-{run.global_step} is saved in "
+                    f"{args.output_dir}. Resume with --resume_from_checkpoint latest."
+                )
+            if (
+                args.validation_steps
+                and run.global_step % args.validation_steps == 0
+                and run.global_step < args.max_train_steps
+                and args.num_validation_images > 0
+                and accelerator.is_main_process
+            ):
+                validate(run, f"step-{run.global_step}")
+                run.unet.train()
+
+
+def validate(run, name):
+    args = run.args
+    run.base_unet.eval()
+    images = generate_images(
+        run.base_unet,
+        run.vae,
+        run.base_text_encoder,
+        run.tokenizer,
+        run.noise_scheduler,
+        run.validation_prompt,
+        args.num_validation_images,
+        args.resolution,
+        args.validation_guidance_scale,
+        args.validation_num_inference_steps,
+        run.seed,
+        run.accelerator.device,
+        run.accelerator.autocast(),
+    )
+    folder = os.path.join(args.output_dir, "samples")
+    return log_validation(run.accelerator, images, run.validation_prompt, run.global_step, folder, name)
+
+
+def save_outputs(run):
+    """Final files: embeddings, LoRA (diffusers + kohya), samples, config, and the model card last."""
+    args = run.args
+    save_embeddings(args.output_dir, run.tokens, run.embedding)
+    save_lora(args.output_dir, run.base_unet, run.lora_config)
+    image_paths = validate(run, "final") if args.num_validation_images > 0 else []
+    Path(args.output_dir, CONFIG_NAME).write_text(json.dumps(run.config, indent=2, default=str))
+    Path(args.output_dir, "README.md").write_text(model_card(run.config, image_paths, args.output_dir))
+    logger.info(f"Saved the LoRA and the embedding to {args.output_dir}")
+    if args.push_to_hub:
+        repo_id = push_to_hub(args.output_dir, args.hub_model_id or Path(args.output_dir).name, args.hub_token)
+        logger.info(f"Uploaded to https://huggingface.co/{repo_id}")
+
+
+def encode_fixed_prompts(text_encoder, tokenizer, clean_prompt, device, dtype):
+    """y_c and ∅ never change during training (no learned token in them): encode them once."""
+    with torch.no_grad():
+        fixed = encode_prompts(text_encoder, tokenize(tokenizer, [clean_prompt, ""]).to(device)).to(dtype)
+    return fixed[:1], fixed[1:]
+
+
+def build_run(args, accelerator, tokenizer, tokens, class_names, images, clean_prompt, config, batch_prompts):
+    """Models, optimizer, schedule and data for ``train_loop``; resumes from a checkpoint when asked.
+
+    ``batch_prompts(indices)`` gives the y_P token ids of a micro-batch's images.
+    """
+    resume_path = (
+        resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    )
+    seed = resolve_seed(args, read_checkpoint_state(resume_path) if resume_path else None)
+    set_seed(seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    text_encoder, vae, unet, noise_scheduler, embedding, lora_config, weight_dtype = prepare_models(
+        args, accelerator, tokenizer, tokens, class_names
+    )
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = build_optimizer(args, lora_params, [embedding.rows], accelerator.num_processes)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    cond_clean, uncond = encode_fixed_prompts(
+        accelerator.unwrap_model(text_encoder), tokenizer, clean_prompt, accelerator.device, weight_dtype
+    )
+    latents_of = LatentSampler(
+        vae, images, args.resolution, args.center_crop, args.random_flip, accelerator.device, weight_dtype
+    )
+
+    def sample_batch(micro_step, generator):
+        indices = batch_indices(
+            len(images), args.train_batch_size, micro_step, seed, accelerator.process_index, accelerator.num_processes
+        )
+        return latents_of(indices, generator), batch_prompts(indices)
+
+    run = TrainingRun(
+        accelerator=accelerator,
+        args=args,
+        seed=seed,
+        tokens=list(tokens),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        noise_scheduler=noise_scheduler,
+        embedding=embedding,
+        lora_config=lora_config,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        weight_dtype=weight_dtype,
+        alignment=AlignmentConfig.from_args(args),
+        cond_clean=cond_clean,
+        uncond=uncond,
+        sample_batch=sample_batch,
+        validation_prompt=config["validation_prompt_resolved"],
+        config={**config, "seed": seed},
+    )
+    if resume_path is not None:
+        state = load_checkpoint(
+            resume_path, run.base_unet, run.tokens, embedding, optimizer, lr_scheduler, accelerator.scaler
+        )
+        run.global_step = state["global_step"]
+        logger.info(f"Resumed from {resume_path} at step {run.global_step}")
+    elif args.resume_from_checkpoint:
+        logger.info("No checkpoint to resume from; starting a new run.")
+    return run
+
+
 def main(args):
     accelerator = setup_accelerator(args)
     # Inputs first: everything a user can get wrong fails here, before a model is loaded.
@@ -1299,168 +1627,40 @@ def main(args):
     token = args.placeholder_token
     personalization_prompt = format_prompt(args.personalization_prompt, token)
     clean_prompt = args.clean_prompt or default_clean_prompt(args.target_prompt, token, args.class_name)
-    validation_prompt = args.validation_prompt or args.target_prompt
-    resume_path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-    seed = resolve_seed(args, read_checkpoint_state(resume_path) if resume_path else None)
-    set_seed(seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    text_encoder, vae, unet, noise_scheduler, embedding, lora_config, weight_dtype = prepare_models(
-        args, accelerator, tokenizer, [token], [args.class_name]
-    )
-    lora_params, embedding_params = trainable_parameters(unet, embedding)
-    optimizer = build_optimizer(args, lora_params, embedding_params, accelerator.num_processes)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
-    )
-    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-    base_unet, base_text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-
-    global_step = 0
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, base_unet, [token], embedding, optimizer, lr_scheduler, accelerator.scaler)
-        global_step = state["global_step"]
-        logger.info(f"Resumed from {resume_path} at step {global_step}")
-    elif args.resume_from_checkpoint:
-        logger.info("No checkpoint to resume from; starting a new run.")
-
-    # Prompts that never change are encoded once; y_P is re-encoded every step because [V] is learning.
-    device = accelerator.device
-    with torch.no_grad():
-        fixed = encode_prompts(base_text_encoder, tokenize(tokenizer, [clean_prompt, ""]).to(device)).to(weight_dtype)
-    cond_clean, uncond = fixed[:1], fixed[1:]
-    personal_ids = tokenize(tokenizer, [personalization_prompt] * args.train_batch_size).to(device)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    t_bounds = timestep_bounds(noise_scheduler.config.num_train_timesteps, args.timestep_min_ratio, args.timestep_max_ratio)
-    alignment = AlignmentConfig.from_args(args)
-    latent_sampler = LatentSampler(vae, images, args.resolution, args.center_crop, args.random_flip, device, weight_dtype)
-
     config = public_config(
         args,
-        seed=seed,
         clean_prompt_resolved=clean_prompt,
         personalization_prompt_resolved=personalization_prompt,
-        validation_prompt_resolved=validation_prompt,
+        validation_prompt_resolved=args.validation_prompt or args.target_prompt,
         lora_alpha=args.lora_alpha or args.rank,
     )
-    if accelerator.is_main_process:
-        accelerator.init_trackers("palp", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
-    logger.info(
-        f"PALP: {len(images)} image(s), y_P={personalization_prompt!r}, y_c={clean_prompt!r}, mode={alignment.mode}, "
-        f"α={alignment.guidance_scale_pretrained}, β={alignment.guidance_scale_personalized}, seed={seed}"
+
+    run = build_run(
+        args,
+        accelerator,
+        tokenizer,
+        [token],
+        [args.class_name],
+        images,
+        clean_prompt,
+        config,
+        batch_prompts=lambda indices: tokenize(tokenizer, [personalization_prompt] * len(indices)),
     )
-
-    with StopRequest().installed() as stop:
-        progress = tqdm(
-            range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    if accelerator.is_main_process:
+        accelerator.init_trackers(
+            "palp", config={k: v for k, v in run.config.items() if isinstance(v, (int, float, str, bool))}
         )
-        micro_step = global_step * args.gradient_accumulation_steps
-        unet.train()
-        while global_step < args.max_train_steps:
-            with accelerator.accumulate(unet, text_encoder):
-                generator = step_generator(seed, accelerator.process_index, micro_step)
-                indices = batch_indices(
-                    len(images), args.train_batch_size, micro_step, seed, accelerator.process_index, accelerator.num_processes
-                )
-                latents = latent_sampler(indices, generator)
-                noise, t1, t2, noise2 = (x.to(device) for x in sample_step_noise(latents.shape, t_bounds, alignment, generator))
-                with accelerator.autocast():
-                    cond_personal = encode_prompts(text_encoder, personal_ids)
-                    loss_pers, loss_align = palp_losses(
-                        unet, base_unet, latents, noise.to(weight_dtype), t1, t2, noise2.to(weight_dtype),
-                        cond_personal, cond_clean, uncond, alphas_cumprod, noise_scheduler.config.prediction_type, alignment,
-                    )
-                loss = loss_pers + alignment.weight * loss_align
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(lora_params + embedding_params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_step += 1
-            if not accelerator.sync_gradients:
-                continue
-
-            global_step += 1
-            progress.update(1)
-            logs = {"loss": loss.item(), "loss_pers": loss_pers.item(), "loss_align": loss_align.item(),
-                    "lr": lr_scheduler.get_last_lr()[0]}
-            if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(
-                    f"The loss became {logs['loss']} at step {global_step} (L_pers={logs['loss_pers']}, "
-                    f"L_align={logs['loss_align']}); nothing was saved. Try --mixed_precision bf16 instead of fp16, "
-                    "a lower --learning_rate, or a lower --alignment_weight."
-                )
-            progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
-            accelerator.log(logs, step=global_step)
-
-            stopping = stop_requested(accelerator, stop)
-            if accelerator.is_main_process and (global_step % args.checkpointing_steps == 0 or stopping):
-                path = save_checkpoint(
-                    args.output_dir, global_step, base_unet, lora_config, [token], embedding, optimizer, lr_scheduler,
-                    accelerator.scaler, seed, args.checkpoints_total_limit,
-                )
-                logger.info(f"Saved checkpoint {path}")
-            if stopping:
-                accelerator.wait_for_everyone()
-                accelerator.end_training()
-                raise SystemExit(
-                    f"Stopped by a signal at step {global_step}; checkpoint-{global_step} is saved in {args.output_dir}. "
-                    "Resume with --resume_from_checkpoint latest."
-                )
-            if (
-                args.validation_steps
-                and global_step % args.validation_steps == 0
-                and global_step < args.max_train_steps
-                and args.num_validation_images > 0
-                and accelerator.is_main_process
-            ):
-                validate(accelerator, args, base_unet, vae, base_text_encoder, tokenizer, noise_scheduler,
-                         validation_prompt, seed, global_step, f"step-{global_step}")
-                unet.train()
-
+    logger.info(
+        f"PALP: {len(images)} image(s), y_P={personalization_prompt!r}, y_c={clean_prompt!r}, "
+        f"mode={run.alignment.mode}, α={args.guidance_scale_pretrained}, β={args.guidance_scale_personalized}, "
+        f"seed={run.seed}"
+    )
+    train_loop(run)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_outputs(accelerator, args, config, base_unet, lora_config, [token], embedding, vae, base_text_encoder,
-                     tokenizer, noise_scheduler, validation_prompt, seed, global_step)
+        save_outputs(run)
     accelerator.end_training()
-    return {"unet": base_unet, "text_encoder": base_text_encoder, "embedding": embedding, "global_step": global_step}
-
-
-def validate(accelerator, args, unet, vae, text_encoder, tokenizer, noise_scheduler, prompt, seed, step, name):
-    unet.eval()
-    images = generate_images(
-        unet, vae, text_encoder, tokenizer, noise_scheduler, prompt, args.num_validation_images, args.resolution,
-        args.validation_guidance_scale, args.validation_num_inference_steps, seed, accelerator.device,
-        accelerator.autocast(),
-    )
-    return log_validation(accelerator, images, prompt, step, os.path.join(args.output_dir, "samples"), name)
-
-
-def save_outputs(accelerator, args, config, unet, lora_config, tokens, embedding, vae, text_encoder, tokenizer,
-                 noise_scheduler, validation_prompt, seed, step):
-    """Final files: embeddings, LoRA (diffusers + kohya), samples, config, and the model card last."""
-    output_dir = args.output_dir
-    save_embeddings(output_dir, tokens, embedding)
-    save_lora(output_dir, unet, lora_config)
-    image_paths = []
-    if args.num_validation_images > 0:
-        image_paths = validate(accelerator, args, unet, vae, text_encoder, tokenizer, noise_scheduler,
-                               validation_prompt, seed, step, "final")
-    Path(output_dir, CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-    Path(output_dir, "README.md").write_text(model_card(config, image_paths, output_dir))
-    logger.info(f"Saved LoRA and embedding to {output_dir}")
-    if args.push_to_hub:
-        repo_id = push_to_hub(output_dir, args.hub_model_id or Path(output_dir).name, args.hub_token)
-        logger.info(f"Uploaded to https://huggingface.co/{repo_id}")
+    return run
 
 
 def cli(input_args=None):

@@ -5,8 +5,6 @@ and merges are generated on the spot, so prompts tokenize exactly as they would 
 vocabulary become one token, anything else falls back to bytes).
 """
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,7 +26,9 @@ TINY_WORDS = (
 
 def _bytes_to_unicode():
     """The byte → printable-unicode table of GPT-2/CLIP byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, write_instance_images
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 import train_palp as tp
-from conftest import REPO_ROOT, write_instance_images
 
 TOKEN = "<my-cat>"
 TARGET = f"A sketch of {TOKEN} in Paris"
@@ -20,20 +20,34 @@ TARGET = f"A sketch of {TOKEN} in Paris"
 
 def base_args(model, instance_dir, output_dir, *extra):
     return [
-        "--pretrained_model_name_or_path", model,
-        "--instance_data_dir", instance_dir,
-        "--placeholder_token", TOKEN,
-        "--class_name", "cat",
-        "--target_prompt", TARGET,
-        "--output_dir", str(output_dir),
-        "--resolution", "32",
-        "--rank", "4",
-        "--max_train_steps", "4",
-        "--seed", "0",
-        "--num_validation_images", "1",
-        "--validation_num_inference_steps", "2",
-        "--report_to", "none",
-        "--learning_rate", "1e-3",
+        "--pretrained_model_name_or_path",
+        model,
+        "--instance_data_dir",
+        instance_dir,
+        "--placeholder_token",
+        TOKEN,
+        "--class_name",
+        "cat",
+        "--target_prompt",
+        TARGET,
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "32",
+        "--rank",
+        "4",
+        "--max_train_steps",
+        "4",
+        "--seed",
+        "0",
+        "--num_validation_images",
+        "1",
+        "--validation_num_inference_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--learning_rate",
+        "1e-3",
         *extra,
     ]
 
@@ -55,7 +69,11 @@ def train(model, instance_dir, output_dir, *extra):
 def generate(pipe, prompt):
     pipe.set_progress_bar_config(disable=True)
     return pipe(
-        prompt, num_inference_steps=2, height=32, width=32, output_type="np",
+        prompt,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
         generator=torch.Generator().manual_seed(0),
     ).images
 
@@ -66,7 +84,7 @@ def test_only_the_placeholder_row_changes(tiny_sd_path, instance_dir, tmp_path):
     result = train(tiny_sd_path, instance_dir, tmp_path / "out")
     base = CLIPTextModel.from_pretrained(tiny_sd_path, subfolder="text_encoder").get_input_embeddings().weight
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
-    trained = result["embedding"]
+    trained = result.embedding
     # Every pre-existing row of the matrix is bit-identical; the new row has moved away from its class-word init.
     assert torch.equal(trained.base.weight[: base.shape[0]], base)
     init = base[tokenizer.encode("cat", add_special_tokens=False)].mean(0)
@@ -78,28 +96,41 @@ def test_only_the_placeholder_row_changes(tiny_sd_path, instance_dir, tmp_path):
 
 def test_bf16_keeps_trainable_parameters_in_fp32(tiny_sd_path, instance_dir, tmp_path):
     result = train(tiny_sd_path, instance_dir, tmp_path / "out", "--mixed_precision", "bf16", "--max_train_steps", "2")
-    lora = [p for n, p in result["unet"].named_parameters() if "lora_" in n]
+    lora = [p for n, p in result.base_unet.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
-    frozen = [p for n, p in result["unet"].named_parameters() if "lora_" not in n]
+    frozen = [p for n, p in result.base_unet.named_parameters() if "lora_" not in n]
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)
-    assert result["embedding"].rows.dtype == torch.float32
-    assert result["embedding"].base.weight.dtype == torch.bfloat16
+    assert result.embedding.rows.dtype == torch.float32
+    assert result.embedding.base.weight.dtype == torch.bfloat16
     assert torch.isfinite(load_file(tmp_path / "out" / "learned_embeds.safetensors")[TOKEN]).all()
 
 
 def test_outputs_files_card_and_config(tiny_sd_path, instance_dir, tmp_path):
     out = tmp_path / "out"
     train(tiny_sd_path, instance_dir, out, "--hub_token", "hf_secret_never_written", "--checkpointing_steps", "2")
-    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors",
-                 "learned_embeds.safetensors", "training_config.json", "README.md", "samples/final_0.png"):
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights_kohya.safetensors",
+        "learned_embeds.safetensors",
+        "training_config.json",
+        "README.md",
+        "samples/final_0.png",
+    ):
         assert (out / name).is_file(), name
     config = json.loads((out / "training_config.json").read_text())
     assert config["clean_prompt_resolved"] == "A sketch of a cat in Paris"
     assert config["personalization_prompt_resolved"] == f"A photo of {TOKEN}"
     assert config["seed"] == 0 and config["lora_alpha"] == 4
     card = (out / "README.md").read_text()
-    for text in (TARGET, "A sketch of a cat in Paris", TOKEN, tiny_sd_path, "load_lora_weights", "samples/final_0.png",
-                 "guidance_scale_pretrained"):
+    for text in (
+        TARGET,
+        "A sketch of a cat in Paris",
+        TOKEN,
+        tiny_sd_path,
+        "load_lora_weights",
+        "samples/final_0.png",
+        "guidance_scale_pretrained",
+    ):
         assert text in card, text
     kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
     assert all(k.startswith("lora_unet_") for k in kohya)
@@ -114,9 +145,19 @@ def test_outputs_files_card_and_config(tiny_sd_path, instance_dir, tmp_path):
 def test_accelerate_launch_outputs_load_into_a_fresh_pipeline(tiny_sd_path, instance_dir, tmp_path, mode):
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO_ROOT / "train_palp.py"), *base_args(tiny_sd_path, instance_dir, out, "--alignment_mode", mode),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO_ROOT / "train_palp.py"),
+        *base_args(tiny_sd_path, instance_dir, out, "--alignment_mode", mode),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -135,14 +176,14 @@ def test_accelerate_launch_outputs_load_into_a_fresh_pipeline(tiny_sd_path, inst
 
 def test_v_prediction_model_trains(tiny_sd_vpred_path, instance_dir, tmp_path):
     result = train(tiny_sd_vpred_path, instance_dir, tmp_path / "out", "--max_train_steps", "2")
-    assert result["global_step"] == 2
+    assert result.global_step == 2
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_single_image_subject(tiny_sd_path, tmp_path):
     one = write_instance_images(tmp_path / "one", n=1)
     result = train(tiny_sd_path, str(one), tmp_path / "out", "--max_train_steps", "2", "--train_batch_size", "2")
-    assert result["global_step"] == 2
+    assert result.global_step == 2
 
 
 def test_same_seed_same_result(tiny_sd_path, instance_dir, tmp_path):
@@ -155,21 +196,44 @@ def test_same_seed_same_result(tiny_sd_path, instance_dir, tmp_path):
 
 def test_checkpoint_rotation(tiny_sd_path, instance_dir, tmp_path):
     out = tmp_path / "out"
-    train(tiny_sd_path, instance_dir, out, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
-          "--num_validation_images", "0")
+    train(
+        tiny_sd_path,
+        instance_dir,
+        out,
+        "--checkpointing_steps",
+        "1",
+        "--checkpoints_total_limit",
+        "2",
+        "--num_validation_images",
+        "0",
+    )
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-4"]
     assert not list(out.glob(".checkpoint-*"))
 
 
 def test_resume_matches_uninterrupted_run(tiny_sd_path, instance_dir, tmp_path):
-    common = ("--checkpointing_steps", "2", "--num_validation_images", "0", "--lr_scheduler", "linear",
-              "--gradient_accumulation_steps", "2")
+    common = (
+        "--checkpointing_steps",
+        "2",
+        "--num_validation_images",
+        "0",
+        "--lr_scheduler",
+        "linear",
+        "--gradient_accumulation_steps",
+        "2",
+    )
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     train(tiny_sd_path, instance_dir, full, *common)
     train(tiny_sd_path, instance_dir, resumed, *common)
     # Simulate a run that died after checkpoint-2: drop everything written later, then resume.
-    for name in ("checkpoint-4", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors",
-                 "learned_embeds.safetensors", "README.md", "training_config.json"):
+    for name in (
+        "checkpoint-4",
+        "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights_kohya.safetensors",
+        "learned_embeds.safetensors",
+        "README.md",
+        "training_config.json",
+    ):
         path = resumed / name
         if path.is_dir():
             import shutil
@@ -179,7 +243,7 @@ def test_resume_matches_uninterrupted_run(tiny_sd_path, instance_dir, tmp_path):
             path.unlink()
     saved_step2 = load_file(resumed / "checkpoint-2" / "learned_embeds.safetensors")[TOKEN]
     result = train(tiny_sd_path, instance_dir, resumed, *common, "--resume_from_checkpoint", "latest")
-    assert result["global_step"] == 4
+    assert result.global_step == 4
     a = load_file(full / "pytorch_lora_weights.safetensors")
     b = load_file(resumed / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
@@ -211,11 +275,25 @@ def test_push_to_hub_uploads_outputs_without_checkpoints(tiny_sd_path, instance_
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
-    train(tiny_sd_path, instance_dir, tmp_path / "palp-cat", "--push_to_hub", "--checkpointing_steps", "2",
-          "--report_to", "tensorboard")
+    train(
+        tiny_sd_path,
+        instance_dir,
+        tmp_path / "palp-cat",
+        "--push_to_hub",
+        "--checkpointing_steps",
+        "2",
+        "--report_to",
+        "tensorboard",
+    )
     assert calls["create"] == ("palp-cat", True, None) and calls["repo"] == "someone/palp-cat"
-    assert {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "README.md", "training_config.json",
-            "pytorch_lora_weights_kohya.safetensors", "samples/final_0.png"} <= calls["uploaded"]
+    assert {
+        "pytorch_lora_weights.safetensors",
+        "learned_embeds.safetensors",
+        "README.md",
+        "training_config.json",
+        "pytorch_lora_weights_kohya.safetensors",
+        "samples/final_0.png",
+    } <= calls["uploaded"]
     assert not any(f.startswith(("checkpoint-", "logs/")) or "optimizer" in f for f in calls["uploaded"])
     assert TOKEN in calls["card"] and TARGET in calls["card"]
 
@@ -272,8 +350,12 @@ def test_images_are_oriented_and_converted_to_rgb(tmp_path):
 
 
 def test_error_token_already_in_vocabulary(tiny_sd_path, instance_dir, tmp_path):
-    message = _error(tiny_sd_path, instance_dir, tmp_path, replace={
-        "--placeholder_token": "cat", "--target_prompt": "A sketch of cat in Paris"})
+    message = _error(
+        tiny_sd_path,
+        instance_dir,
+        tmp_path,
+        replace={"--placeholder_token": "cat", "--target_prompt": "A sketch of cat in Paris"},
+    )
     assert "--placeholder_token" in message and "already in the tokenizer" in message
 
 
@@ -321,9 +403,20 @@ def test_help_documents_every_flag():
     parser_help = subprocess.run(
         [sys.executable, str(REPO_ROOT / "train_palp.py"), "--help"], capture_output=True, text=True, timeout=300
     ).stdout
-    for flag in ("--alignment_mode", "--guidance_scale_pretrained", "--guidance_scale_personalized",
-                 "--alignment_weight", "--alignment_noise", "--alignment_timestep", "--alignment_weighting",
-                 "--no-rescale", "--clean_prompt", "--personalization_prompt", "--push_to_hub",
-                 "--resume_from_checkpoint", "--mixed_precision"):
+    for flag in (
+        "--alignment_mode",
+        "--guidance_scale_pretrained",
+        "--guidance_scale_personalized",
+        "--alignment_weight",
+        "--alignment_noise",
+        "--alignment_timestep",
+        "--alignment_weighting",
+        "--no-rescale",
+        "--clean_prompt",
+        "--personalization_prompt",
+        "--push_to_hub",
+        "--resume_from_checkpoint",
+        "--mixed_precision",
+    ):
         assert flag in parser_help, flag
     assert "(ours" in parser_help and "(paper" in parser_help
