@@ -95,17 +95,7 @@ def parse_args(input_args=None):
         description="PALP (Prompt Aligned Personalization): LoRA + textual inversion with a prompt-alignment term.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    # Model.
-    parser.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        required=True,
-        help="Stable Diffusion 1.x/2.x model: a Hub id or a local folder in the diffusers layout.",
-    )
-    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
-    parser.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
-
-    # Subject.
+    # Subject and prompts.
     parser.add_argument(
         "--instance_data_dir",
         type=str,
@@ -120,7 +110,6 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--dataset_config_name", type=str, default=None, help="Config name of --dataset_name.")
     parser.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
-    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
     parser.add_argument(
         "--placeholder_token",
         type=str,
@@ -155,6 +144,27 @@ def parse_args(input_args=None):
         "Default: the target prompt with the placeholder replaced by 'a <class_name>' (paper).",
     )
 
+    add_training_arguments(parser, guidance_scale_pretrained=15.0, guidance_scale_personalized=7.5)
+    args = parser.parse_args(input_args)
+    validate_args(args)
+    return args
+
+
+def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_personalized):
+    """Every flag that is not about the subjects: model, PALP, LoRA, images, optimisation, checkpoints, validation,
+    logging and Hub. Flag names follow diffusers' DreamBooth-LoRA script where the concept is the same."""
+    # Model.
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Stable Diffusion 1.x/2.x model: a Hub id or a local folder in the diffusers layout.",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
+
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+
     # PALP.
     palp = parser.add_argument_group("PALP prompt alignment")
     palp.add_argument(
@@ -168,15 +178,16 @@ def parse_args(input_args=None):
     palp.add_argument(
         "--guidance_scale_pretrained",
         type=float,
-        default=15.0,
-        help="α, classifier-free guidance of the pre-trained model on the clean prompt (paper, App. C: 15.0).",
+        default=guidance_scale_pretrained,
+        help="α, classifier-free guidance of the pre-trained model on the clean prompt "
+        "(paper, App. C: 15.0 for one subject, 7.5 for multi-subject and art-inspired composition).",
     )
     palp.add_argument(
         "--guidance_scale_personalized",
         type=float,
-        default=7.5,
-        help="β, classifier-free guidance of the personalized model on y_P (paper: 7.5). With β = 1 the "
-        "personalized unconditional pass is skipped.",
+        default=guidance_scale_personalized,
+        help="β, classifier-free guidance of the personalized model on y_P (paper: 7.5 for one subject, 1.0 for "
+        "multi-subject and composition). With β = 1 the personalized unconditional pass is skipped.",
     )
     palp.add_argument(
         "--alignment_weight",
@@ -350,10 +361,6 @@ def parse_args(input_args=None):
     parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repo. Default: the output folder name.")
     parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
 
-    args = parser.parse_args(input_args)
-    validate_args(args)
-    return args
-
 
 def validate_args(args):
     """Every error a user can cause with the flags alone, raised before any model is loaded."""
@@ -380,6 +387,12 @@ def validate_args(args):
         raise UserInputError("Give exactly one of --instance_data_dir and --dataset_name.")
     if args.instance_data_dir is not None and not Path(args.instance_data_dir).is_dir():
         raise UserInputError(f"--instance_data_dir {args.instance_data_dir!r} is not a folder.")
+    require_package("datasets", "--dataset_name", args.dataset_name is not None)
+    validate_training_args(args)
+
+
+def validate_training_args(args):
+    """Checks of the flags that both PALP scripts share; each error names the flag and the fix."""
     if args.resolution <= 0 or args.resolution % 8:
         raise UserInputError(f"--resolution {args.resolution} must be a positive multiple of 8 (e.g. 512).")
     for flag in ("max_train_steps", "rank", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
@@ -409,7 +422,6 @@ def validate_args(args):
             )
     require_package("bitsandbytes", "--use_8bit_adam", args.use_8bit_adam)
     require_package("wandb", "--report_to wandb", args.report_to in ("wandb", "all"))
-    require_package("datasets", "--dataset_name", args.dataset_name is not None)
     output_dir = Path(args.output_dir)
     if (output_dir / LORA_NAME).exists() and not args.overwrite_output_dir and not args.resume_from_checkpoint:
         raise UserInputError(
@@ -1540,10 +1552,13 @@ def encode_fixed_prompts(text_encoder, tokenizer, clean_prompt, device, dtype):
     return fixed[:1], fixed[1:]
 
 
-def build_run(args, accelerator, tokenizer, tokens, class_names, images, clean_prompt, config, batch_prompts):
+def build_run(
+    args, accelerator, tokenizer, tokens, class_names, images, clean_prompt, config, draw_indices, batch_prompts
+):
     """Models, optimizer, schedule and data for ``train_loop``; resumes from a checkpoint when asked.
 
-    ``batch_prompts(indices)`` gives the y_P token ids of a micro-batch's images.
+    ``draw_indices(micro_step, seed, rank, world_size)`` picks the images of a rank's micro-batch and
+    ``batch_prompts(indices)`` gives their y_P token ids.
     """
     resume_path = (
         resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
@@ -1577,9 +1592,7 @@ def build_run(args, accelerator, tokenizer, tokens, class_names, images, clean_p
     )
 
     def sample_batch(micro_step, generator):
-        indices = batch_indices(
-            len(images), args.train_batch_size, micro_step, seed, accelerator.process_index, accelerator.num_processes
-        )
+        indices = draw_indices(micro_step, seed, accelerator.process_index, accelerator.num_processes)
         return latents_of(indices, generator), batch_prompts(indices)
 
     run = TrainingRun(
@@ -1644,6 +1657,9 @@ def main(args):
         images,
         clean_prompt,
         config,
+        draw_indices=lambda step, seed, rank, world: batch_indices(
+            len(images), args.train_batch_size, step, seed, rank, world
+        ),
         batch_prompts=lambda indices: tokenize(tokenizer, [personalization_prompt] * len(indices)),
     )
     if accelerator.is_main_process:
