@@ -847,8 +847,13 @@ def batch_indices(num_images, batch_size, micro_step, seed, rank, world_size):
 
 def check_model_folder(path):
     """A local --pretrained_model_name_or_path must look like a diffusers Stable Diffusion folder."""
-    folder = Path(path)
+    folder = Path(path).expanduser()
     if not folder.exists():
+        if path.startswith((".", "/", "~")) or path.count("/") != 1:
+            raise UserInputError(
+                f"--pretrained_model_name_or_path {path!r} is neither a local folder nor a Hub id like "
+                "'stable-diffusion-v1-5/stable-diffusion-v1-5'."
+            )
         return  # a Hub id; from_pretrained reports problems with it
     missing = [
         name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / name).is_dir()
@@ -862,9 +867,15 @@ def check_model_folder(path):
 
 def load_tokenizer(args):
     check_model_folder(args.pretrained_model_name_or_path)
-    return CLIPTokenizer.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir
-    )
+    try:
+        return CLIPTokenizer.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir
+        )
+    except OSError as error:
+        raise UserInputError(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: could not load its tokenizer "
+            f"({error}). Check the name, your network and `hf auth login`, or give a local folder."
+        ) from error
 
 
 def load_models(args):
@@ -1671,19 +1682,36 @@ def main(args):
         f"mode={run.alignment.mode}, α={args.guidance_scale_pretrained}, β={args.guidance_scale_personalized}, "
         f"seed={run.seed}"
     )
-    train_loop(run)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_outputs(run)
-    accelerator.end_training()
+    train_and_save(run)
     return run
+
+
+def train_and_save(run):
+    """Train, check that every process ended with the same weights, and write the outputs once."""
+    train_loop(run)
+    run.accelerator.wait_for_everyone()
+    check_replicas_in_sync(run.accelerator, run.trainable)
+    if run.accelerator.is_main_process:
+        save_outputs(run)
+    run.accelerator.end_training()
+
+
+def check_replicas_in_sync(accelerator, parameters):
+    """With several processes every rank must end with the same weights; a cheap checksum proves it."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in parameters]).to(accelerator.device)
+    gathered = accelerator.gather(checksum[None]).reshape(accelerator.num_processes, -1)
+    if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-6, atol=1e-8):
+        raise RuntimeError("The processes ended with different weights; the distributed setup is broken.")
+    logger.info(f"Trained weights are identical on all {accelerator.num_processes} processes.")
 
 
 def cli(input_args=None):
     try:
         args = parse_args(input_args)
         main(args)
-    except UserInputError as error:
+    except (UserInputError, FloatingPointError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

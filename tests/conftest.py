@@ -160,6 +160,21 @@ def instance_dir(tmp_path):
     return str(write_instance_images(tmp_path / "instance"))
 
 
+def reset_accelerate_state():
+    """accelerate keeps process-wide singletons; a second in-process training run needs them cleared."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate_state()
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     # Any accidental Hub access fails loudly instead of hanging on the closed network.

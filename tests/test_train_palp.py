@@ -52,16 +52,6 @@ def base_args(model, instance_dir, output_dir, *extra):
     ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def train(model, instance_dir, output_dir, *extra):
     return tp.main(tp.parse_args(base_args(model, instance_dir, output_dir, *extra)))
 

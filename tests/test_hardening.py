@@ -1,0 +1,241 @@
+"""Bad input, interruptions, damaged checkpoints, NaN losses, two processes and safe files."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_palp as tp
+from conftest import REPO_ROOT, reset_accelerate_state, write_instance_images
+from test_train_palp import TOKEN, base_args, train
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _zero_byte_folder(tmp_path):
+    folder = tmp_path / "zero"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    return str(folder)
+
+
+def _truncated_folder(tmp_path):
+    folder = write_instance_images(tmp_path / "truncated", n=1)
+    path = next(folder.iterdir())
+    path.write_bytes(path.read_bytes()[:40])
+    return str(folder)
+
+
+def _no_model(tmp_path):
+    return str(tmp_path / "missing-model")
+
+
+# (id, how to change the arguments, text the error must contain)
+BAD_INPUTS = [
+    ("missing folder", {"--instance_data_dir": lambda p: str(p / "nope")}, "--instance_data_dir"),
+    ("zero-byte image only", {"--instance_data_dir": _zero_byte_folder}, "no readable image"),
+    ("truncated image only", {"--instance_data_dir": _truncated_folder}, "no readable image"),
+    ("token with space", {"--placeholder_token": "<my cat>", "--target_prompt": "A <my cat>"}, "without spaces"),
+    ("token already a word", {"--placeholder_token": "dog", "--target_prompt": "A sketch of dog"}, "already in the"),
+    ("target without token", {"--target_prompt": "A sketch of a cat"}, "--target_prompt"),
+    ("personalization without token", {"--personalization_prompt": "A photo"}, "--personalization_prompt"),
+    ("clean prompt with token", {"--clean_prompt": f"A {TOKEN}"}, "--clean_prompt"),
+    ("resolution not multiple of 8", {"--resolution": "36"}, "multiple of 8"),
+    ("resolution zero", {"--resolution": "0"}, "--resolution"),
+    ("resolution negative", {"--resolution": "-64"}, "--resolution"),
+    ("negative alpha", {"--guidance_scale_pretrained": "-1"}, "--guidance_scale_pretrained"),
+    ("negative beta", {"--guidance_scale_personalized": "-0.5"}, "--guidance_scale_personalized"),
+    ("negative lambda", {"--alignment_weight": "-1"}, "--alignment_weight"),
+    ("zero steps", {"--max_train_steps": "0"}, "--max_train_steps"),
+    ("zero rank", {"--rank": "0"}, "--rank"),
+    ("model path missing", {"--pretrained_model_name_or_path": _no_model}, "--pretrained_model_name_or_path"),
+    ("model folder not SD", {"--pretrained_model_name_or_path": lambda p: str(p)}, "diffusers layout"),
+    (
+        "timestep range reversed",
+        {"--timestep_min_ratio": "0.9", "--timestep_max_ratio": "0.1"},
+        "--timestep_min_ratio",
+    ),
+    ("wandb with hub token", {"--report_to": "wandb", "--hub_token": "hf_x"}, "--hub_token"),
+    ("empty class", {"--class_name": " "}, "--class_name"),
+    (
+        "checkpoint path missing",
+        {"--resume_from_checkpoint": lambda p: str(p / "no-ckpt")},
+        "--resume_from_checkpoint",
+    ),
+]
+
+
+def _apply(argv, changes, tmp_path):
+    argv = list(argv)
+    for flag, value in changes.items():
+        value = value(tmp_path) if callable(value) else value
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return argv
+
+
+@pytest.mark.parametrize("changes,expected", [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_fails_early_with_one_clear_message(tiny_sd_path, instance_dir, tmp_path, changes, expected):
+    out = tmp_path / "out"
+    argv = _apply(base_args(tiny_sd_path, instance_dir, out), changes, tmp_path)
+    with pytest.raises(SystemExit) as info:
+        tp.cli(argv)
+    message = str(info.value)
+    assert message.startswith("error: ") and expected in message
+    assert "Traceback" not in message and message.count("\n") == 0
+    leftovers = [p.name for p in out.iterdir()] if out.exists() else []
+    assert not {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "README.md"} & set(leftovers)
+
+
+def test_one_corrupt_image_among_good_ones_is_skipped(tiny_sd_path, tmp_path):
+    folder = write_instance_images(tmp_path / "mixed", n=2)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.warns(UserWarning, match="corrupt.jpg"):
+        run = train(
+            tiny_sd_path, str(folder), tmp_path / "out", "--max_train_steps", "1", "--num_validation_images", "0"
+        )
+    assert run.global_step == 1
+
+
+# ------------------------------------------------------------------------------------------------ interruptions
+
+
+def test_signal_saves_a_checkpoint_and_resume_matches_uninterrupted(tiny_sd_path, instance_dir, tmp_path, monkeypatch):
+    common = ("--num_validation_images", "0", "--checkpointing_steps", "100", "--lr_scheduler", "cosine")
+    full = tmp_path / "full"
+    train(tiny_sd_path, instance_dir, full, *common)
+
+    original_step = tp.training_step
+
+    def step_then_signal(run, micro_step):
+        result = original_step(run, micro_step)
+        if micro_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(tp, "training_step", step_then_signal)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(SystemExit, match="Stopped by a signal at step 2"):
+        train(tiny_sd_path, instance_dir, stopped, *common)
+    assert (stopped / "checkpoint-2" / "training_state.json").is_file()
+    assert not (stopped / "pytorch_lora_weights.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored (not left as the training one)
+    monkeypatch.setattr(tp, "training_step", original_step)
+
+    reset_accelerate_state()
+    train(tiny_sd_path, instance_dir, stopped, *common, "--resume_from_checkpoint", "latest")
+    a = load_file(full / "pytorch_lora_weights.safetensors")
+    b = load_file(stopped / "pytorch_lora_weights.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_latest_ignores_half_written_checkpoints(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "training_state.json").write_text("{}")
+    (tmp_path / "checkpoint-5").mkdir()  # no training_state.json: never completed
+    (tmp_path / ".checkpoint-6.tmp").mkdir()
+    assert tp.resolve_checkpoint(tmp_path, "latest").name == "checkpoint-2"
+    assert tp.resolve_checkpoint(tmp_path / "empty", "latest") is None
+
+
+def test_damaged_checkpoint_gives_a_clear_error(tiny_sd_path, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd_path, instance_dir, out, "--checkpointing_steps", "2", "--num_validation_images", "0")
+    shutil.rmtree(out / "checkpoint-4")
+    for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        (out / name).unlink()
+    (out / "checkpoint-2" / "optimizer.safetensors").write_bytes(b"\x00\x01 not safetensors")
+    reset_accelerate_state()
+    argv = base_args(
+        tiny_sd_path, instance_dir, out, "--resume_from_checkpoint", "latest", "--num_validation_images", "0"
+    )
+    with pytest.raises(SystemExit) as info:
+        tp.cli(argv)
+    assert "checkpoint-2" in str(info.value) and "damaged or incomplete" in str(info.value)
+
+
+def test_nan_loss_stops_without_saving(tiny_sd_path, instance_dir, tmp_path, monkeypatch):
+    original = tp.palp_losses
+
+    def nan_losses(*args, **kwargs):
+        loss_pers, loss_align = original(*args, **kwargs)
+        return loss_pers * float("nan"), loss_align
+
+    monkeypatch.setattr(tp, "palp_losses", nan_losses)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        tp.cli(base_args(tiny_sd_path, instance_dir, out, "--checkpointing_steps", "1"))
+    message = str(info.value)
+    assert "step 1" in message and "bf16" in message and "--learning_rate" in message
+    assert not list(out.glob("checkpoint-*")) and not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_on_cpu(tiny_sd_path, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    secret = "hf_do_not_leak_123"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(REPO_ROOT / "train_palp.py"),
+        *base_args(tiny_sd_path, instance_dir, out, "--checkpointing_steps", "2", "--hub_token", secret,
+                   "--report_to", "tensorboard"),
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "identical on all 2 processes" in done.stderr
+    assert done.stderr.count("Saved checkpoint") == 2  # written once each, by the main process
+    assert len(list((out / "samples").glob("final_*.png"))) == 1  # validation on the main process only
+    assert secret not in done.stdout + done.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert load_file(out / "learned_embeds.safetensors")[TOKEN].isfinite().all()
+
+
+# ------------------------------------------------------------------------------------------------ safe files
+
+
+@pytest.mark.parametrize("script", ["train_palp.py", "train_palp_multi_subject.py"])
+def test_scripts_never_unpickle_or_run_remote_code(script):
+    path = REPO_ROOT / script
+    if not path.exists():
+        pytest.fail(f"{script} is missing")
+    source = path.read_text()
+    for forbidden in (
+        "torch.load(",
+        "import pickle",
+        "pickle.load",
+        "trust_remote_code=True",
+        "save_state(",
+        "load_state(",
+    ):
+        assert forbidden not in source, forbidden
+
+
+def test_everything_written_is_safetensors_json_or_images(tiny_sd_path, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd_path, instance_dir, out, "--checkpointing_steps", "2", "--report_to", "none")
+    suffixes = {p.suffix for p in out.rglob("*") if p.is_file()}
+    assert suffixes <= {".safetensors", ".json", ".md", ".png"}, suffixes
+    for path in out.rglob("*.safetensors"):
+        load_file(path)  # every file loads without pickle
+    assert torch.is_tensor(load_file(out / "checkpoint-2" / "optimizer.safetensors")["0.exp_avg"])

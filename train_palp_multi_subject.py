@@ -1,0 +1,2042 @@
+#!/usr/bin/env python
+# coding=utf-8
+# Copyright 2026 The PALP training scripts authors. Licensed under the Apache License, Version 2.0.
+"""PALP for several subjects at once, and for art-inspired composition (Arar et al., arXiv 2401.06105).
+
+One placeholder token per subject ([V1] = "<my-cat>", [V2] = "<my-dog>"), each with its own photos, class noun and
+personalization prompt y_P, all trained together for ONE target prompt that combines them:
+
+    "A 19th century portrait of <my-cat> and <my-dog>"
+
+An artwork is simply a subject with a single image and an artistic y_P ("An oil painting of <wanderer>"), which
+gives the paper's art inspiration: "An oil painting of <my-cat> inspired by <wanderer> painting".
+
+The method is the one of ``train_palp.py``:
+
+    loss = L_pers + λ · L_align
+
+with these differences, all from the paper's multi-subject section:
+
+* a batch is drawn from the union of the subjects' images (``--subject_sampling``: by default every subject equally
+  often, so a one-image artwork is not drowned by a six-image subject);
+* each image brings its own y_P, both into ``L_pers`` and into the personalized branch ``g_per`` of ``L_align``;
+* one clean prompt y_c describes the whole scene with class nouns ("An oil painting of a cat sitting on a rock");
+* α = 7.5 and β = 1.0 by default; with β = 1 the personalized unconditional pass is skipped.
+
+Run ``python train_palp_multi_subject.py --help`` for every flag, its default and where the default comes from.
+
+    accelerate launch train_palp_multi_subject.py \\
+      --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --instance_data_dir ./my_cat --placeholder_token "<my-cat>" --class_name cat \\
+      --instance_data_dir ./wanderer --placeholder_token "<wanderer>" --class_name painting \\
+      --personalization_prompt "A photo of {token}" --personalization_prompt "An oil painting of {token}" \\
+      --target_prompt "An oil painting of <my-cat> inspired by <wanderer> painting" \\
+      --clean_prompt "An oil painting of a cat sitting on a rock" \\
+      --output_dir palp-cat-wanderer --mixed_precision fp16
+
+or, with the subjects in a file (see ``examples/art_inspiration/subjects.json``), ``--subjects_config subjects.json``.
+The result loads into a stock ``StableDiffusionPipeline``: ``pipe.load_lora_weights(folder)``, then
+``pipe.load_textual_inversion`` once per ``learned_embeds_<token>.safetensors``.
+
+Most of this file is shared with ``train_palp.py``: every block marked ``# Copied from train_palp.<name>`` is kept
+identical to its original by ``python utils/check_copies.py`` (``--fix_and_overwrite`` re-syncs them). Edit the
+original and re-sync, never the copy.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import (
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_kohya,
+    convert_unet_state_dict_to_peft,
+)
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+# Copied from train_palp.logger
+logger = get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Copied from train_palp.IMAGE_EXTENSIONS
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Copied from train_palp.LORA_TARGET_MODULES
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# Copied from train_palp.EMBEDDINGS_NAME
+EMBEDDINGS_NAME = "learned_embeds.safetensors"
+# Copied from train_palp.LORA_NAME
+LORA_NAME = "pytorch_lora_weights.safetensors"
+# Copied from train_palp.KOHYA_LORA_NAME
+KOHYA_LORA_NAME = "pytorch_lora_weights_kohya.safetensors"
+# Copied from train_palp.CONFIG_NAME
+CONFIG_NAME = "training_config.json"
+# Copied from train_palp.CHECKPOINT_STATE_NAME
+CHECKPOINT_STATE_NAME = "training_state.json"
+# Copied from train_palp.OPTIMIZER_TENSORS_NAME
+OPTIMIZER_TENSORS_NAME = "optimizer.safetensors"
+
+# Multi-subject only.
+DEFAULT_PERSONALIZATION_PROMPT = "A photo of {token}"
+SUBJECT_REQUIRED_KEYS = ("instance_data_dir", "placeholder_token", "class_name")
+SUBJECT_OPTIONAL_KEYS = ("personalization_prompt",)
+SUBJECT_SAMPLING_CHOICES = ("balanced", "proportional")
+
+
+# Copied from train_palp.UserInputError
+class UserInputError(ValueError):
+    """A problem with the command line or the inputs it names; the message says which flag and how to fix it."""
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description="PALP (Prompt Aligned Personalization) for several subjects or art-inspired composition: one "
+        "LoRA and one new token per subject, trained for one target prompt that combines them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    subjects = parser.add_argument_group(
+        "Subjects",
+        "Either --subjects_config, or --instance_data_dir, --placeholder_token and --class_name repeated once per "
+        "subject (the i-th of each flag describe the i-th subject).",
+    )
+    subjects.add_argument(
+        "--subjects_config",
+        type=str,
+        default=None,
+        help="JSON file with a list of subjects: [{'instance_data_dir': './my_cat', 'placeholder_token': '<my-cat>', "
+        "'class_name': 'cat', 'personalization_prompt': 'A photo of {token}'}, ...]; 'personalization_prompt' is "
+        "optional and relative folders are read from the file's own folder.",
+    )
+    subjects.add_argument(
+        "--instance_data_dir",
+        type=str,
+        action="append",
+        default=None,
+        help="Folder of one subject's images (jpg/png/webp/bmp/gif/tiff). Repeat once per subject; an artwork is a "
+        "subject with a single image.",
+    )
+    subjects.add_argument(
+        "--placeholder_token",
+        type=str,
+        action="append",
+        default=None,
+        help="The new token of one subject, e.g. '<my-cat>'; repeat once per subject, in the order of "
+        "--instance_data_dir. Each must be new to the vocabulary and distinct.",
+    )
+    subjects.add_argument(
+        "--class_name",
+        type=str,
+        action="append",
+        default=None,
+        help="Class noun of one subject ('cat', 'painting'); initialises its token. Repeat once per subject.",
+    )
+    subjects.add_argument(
+        "--personalization_prompt",
+        type=str,
+        action="append",
+        default=None,
+        help="y_P template; '{token}' is replaced by the subject's token. Given once it applies to every subject "
+        "(and to every --subjects_config entry without its own); given once per subject, the i-th goes to the i-th "
+        f"subject. When not given: {DEFAULT_PERSONALIZATION_PROMPT!r} (paper); for an artwork use e.g. "
+        "'An oil painting of {token}' (paper).",
+    )
+    subjects.add_argument(
+        "--subject_sampling",
+        type=str,
+        default="balanced",
+        choices=SUBJECT_SAMPLING_CHOICES,
+        help="How batches draw from the union of the subjects' images. 'balanced': every subject equally often "
+        "whatever its image count, so a one-image artwork is seen as often as a six-image subject; 'proportional': "
+        "every image equally often. (ours: the paper samples from the union and names no balance.)",
+    )
+
+    # Prompts.
+    parser.add_argument(
+        "--target_prompt",
+        type=str,
+        required=True,
+        help="The prompt to personalize for (y), containing every subject's token: "
+        "'An oil painting of <my-cat> inspired by <wanderer> painting'.",
+    )
+    parser.add_argument(
+        "--clean_prompt",
+        type=str,
+        required=True,
+        help="Clean prompt y_c for the pre-trained model: the whole scene with class nouns and no learned token, "
+        "'An oil painting of a cat sitting on a rock' (paper: one prompt for all subjects).",
+    )
+
+    add_training_arguments(parser, guidance_scale_pretrained=7.5, guidance_scale_personalized=1.0)
+    args = parser.parse_args(input_args)
+    validate_args(args)
+    return args
+
+
+# Copied from train_palp.add_training_arguments
+def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_personalized):
+    """Every flag that is not about the subjects: model, PALP, LoRA, images, optimisation, checkpoints, validation,
+    logging and Hub. Flag names follow diffusers' DreamBooth-LoRA script where the concept is the same."""
+    # Model.
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Stable Diffusion 1.x/2.x model: a Hub id or a local folder in the diffusers layout.",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
+
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+
+    # PALP.
+    palp = parser.add_argument_group("PALP prompt alignment")
+    palp.add_argument(
+        "--alignment_mode",
+        type=str,
+        default="dds",
+        choices=["dds", "sds", "none"],
+        help="'dds': PALP (pre-trained on y_c minus personalized on y_P); 'sds': pre-trained on y_c minus the noise "
+        "(the paper's ablation: over-saturates); 'none': plain TI + DreamBooth-LoRA baseline.",
+    )
+    palp.add_argument(
+        "--guidance_scale_pretrained",
+        type=float,
+        default=guidance_scale_pretrained,
+        help="α, classifier-free guidance of the pre-trained model on the clean prompt "
+        "(paper, App. C: 15.0 for one subject, 7.5 for multi-subject and art-inspired composition).",
+    )
+    palp.add_argument(
+        "--guidance_scale_personalized",
+        type=float,
+        default=guidance_scale_personalized,
+        help="β, classifier-free guidance of the personalized model on y_P (paper: 7.5 for one subject, 1.0 for "
+        "multi-subject and composition). With β = 1 the personalized unconditional pass is skipped.",
+    )
+    palp.add_argument(
+        "--alignment_weight",
+        type=float,
+        default=1.0,
+        help="λ, weight of the alignment loss (ours: the paper gives none).",
+    )
+    palp.add_argument(
+        "--alignment_noise",
+        type=str,
+        default="same",
+        choices=["same", "fresh"],
+        help="Re-noise x̂0 with the same ε as the personalization branch (paper: better text alignment) or fresh noise.",
+    )
+    palp.add_argument(
+        "--alignment_timestep",
+        type=str,
+        default="independent",
+        choices=["independent", "same"],
+        help="Draw t2 independently of t1 (ours: the paper states no rule), or reuse t1.",
+    )
+    palp.add_argument(
+        "--alignment_weighting",
+        type=str,
+        default="uniform",
+        choices=["uniform", "one_minus_alpha_bar"],
+        help="w(t2) of the alignment loss: 1, or 1 - ᾱ_t2 (ours: the paper names a weighting but not its form).",
+    )
+    palp.add_argument(
+        "--rescale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Rescale the alignment gradient by √ᾱ_t1/√(1-ᾱ_t1) so every t1 gets an update of the same size "
+        "(paper: best variant of its ablation). --no-rescale keeps the factor, as an ablation.",
+    )
+    palp.add_argument(
+        "--timestep_min_ratio",
+        type=float,
+        default=0.02,
+        help="Lowest t1 and t2 as a fraction of the schedule length T (ours).",
+    )
+    palp.add_argument(
+        "--timestep_max_ratio",
+        type=float,
+        default=0.98,
+        help="Highest t1 and t2 as a fraction of the schedule length T (ours).",
+    )
+
+    # LoRA.
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank (paper: 32).")
+    parser.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha. Default: equal to --rank (ours).")
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA layers.")
+
+    # Images.
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=512,
+        help="Training resolution (a multiple of 8). Images are resized so the shorter side matches, then cropped.",
+    )
+    parser.add_argument("--center_crop", action="store_true", help="Center-crop instead of random crop.")
+    parser.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
+
+    # Optimisation.
+    parser.add_argument("--train_batch_size", type=int, default=1, help="Batch size per device (paper: 32 on TPU).")
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches accumulated per optimizer step."
+    )
+    parser.add_argument("--max_train_steps", type=int, default=500, help="Optimizer steps (paper: 500).")
+    parser.add_argument(
+        "--learning_rate", type=float, default=5e-5, help="Learning rate of the LoRA and the token (paper: 5e-5)."
+    )
+    parser.add_argument(
+        "--embedding_learning_rate",
+        type=float,
+        default=None,
+        help="Learning rate of the placeholder embedding. Default: --learning_rate (paper).",
+    )
+    parser.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rates by batch size × accumulation steps × number of processes.",
+    )
+    parser.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning-rate schedule.",
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule.")
+    parser.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    parser.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε.")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    parser.add_argument("--seed", type=int, default=None, help="Seed of the whole run. Default: drawn and recorded.")
+
+    # Speed and memory.
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Mixed precision; default: the accelerate config. Trainable parameters always stay in fp32.",
+    )
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="Trade compute for memory in UNet and text encoder."
+    )
+    parser.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Use xformers attention (PyTorch SDPA is the default and usually as good).",
+    )
+    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+
+    # Checkpoints.
+    parser.add_argument("--output_dir", type=str, default="palp-model", help="Where outputs and checkpoints go.")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Allow writing into an --output_dir that already holds a finished run.",
+    )
+    parser.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps."
+    )
+    parser.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="Resume from a checkpoint folder, or 'latest' for the newest in --output_dir.",
+    )
+
+    # Validation.
+    parser.add_argument(
+        "--validation_prompt",
+        type=str,
+        default=None,
+        help="Prompt of the validation images. Default: the target prompt.",
+    )
+    parser.add_argument(
+        "--num_validation_images", type=int, default=4, help="Validation images per run (0 disables validation)."
+    )
+    parser.add_argument(
+        "--validation_steps",
+        type=int,
+        default=None,
+        help="Also validate every N optimizer steps (default: only at the end).",
+    )
+    parser.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation.")
+    parser.add_argument("--validation_num_inference_steps", type=int, default=25, help="Sampling steps of validation.")
+
+    # Logging and Hub.
+    parser.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        choices=["tensorboard", "wandb", "all", "none"],
+        help="Where to log losses and validation images.",
+    )
+    parser.add_argument(
+        "--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir."
+    )
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the result to the Hugging Face Hub.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repo. Default: the output folder name.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
+
+
+def validate_args(args):
+    """Every error a user can cause with the flags and the subjects file, raised before any model is loaded."""
+    subjects = read_subjects(args)
+    validate_subjects(subjects, args.target_prompt, args.clean_prompt)
+    validate_training_args(args)
+    return subjects
+
+
+# Copied from train_palp.validate_training_args
+def validate_training_args(args):
+    """Checks of the flags that both PALP scripts share; each error names the flag and the fix."""
+    if args.resolution <= 0 or args.resolution % 8:
+        raise UserInputError(f"--resolution {args.resolution} must be a positive multiple of 8 (e.g. 512).")
+    for flag in ("max_train_steps", "rank", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+        if getattr(args, flag) <= 0:
+            raise UserInputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}.")
+    for flag in ("guidance_scale_pretrained", "guidance_scale_personalized", "alignment_weight", "learning_rate"):
+        if getattr(args, flag) < 0:
+            raise UserInputError(f"--{flag} must not be negative, got {getattr(args, flag)}.")
+    if not 0.0 <= args.timestep_min_ratio <= args.timestep_max_ratio <= 1.0:
+        raise UserInputError("--timestep_min_ratio and --timestep_max_ratio need 0 <= min <= max <= 1.")
+    if args.validation_steps is not None and args.validation_steps <= 0:
+        raise UserInputError("--validation_steps must be a positive integer.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
+        raise UserInputError("--checkpoints_total_limit must be a positive integer.")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        raise UserInputError(
+            "--report_to wandb together with --hub_token would expose the token to wandb; "
+            "log in with `hf auth login` instead of passing --hub_token."
+        )
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise UserInputError(
+                "--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers`, "
+                "or drop the flag to use PyTorch's SDPA attention."
+            )
+    require_package("bitsandbytes", "--use_8bit_adam", args.use_8bit_adam)
+    require_package("wandb", "--report_to wandb", args.report_to in ("wandb", "all"))
+    output_dir = Path(args.output_dir)
+    if (output_dir / LORA_NAME).exists() and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+        raise UserInputError(
+            f"--output_dir {args.output_dir!r} already holds a finished run ({LORA_NAME}); "
+            "choose another folder or pass --overwrite_output_dir."
+        )
+
+
+# Copied from train_palp.require_package
+def require_package(name, flag, needed):
+    if not needed:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise UserInputError(f"{flag} needs the '{name}' package: `pip install {name}`.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Subjects
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Subject:
+    """One subject (or artwork): its images, token, class noun and y_P template."""
+
+    instance_data_dir: str
+    placeholder_token: str
+    class_name: str
+    personalization_prompt: str
+    origin: str  # where the user gave it, for error messages: "--subjects_config 's.json', subject 2"
+
+    @property
+    def prompt(self):
+        """y_P with the token filled in."""
+        return format_prompt(self.personalization_prompt, self.placeholder_token)
+
+
+def read_subjects(args):
+    """The subjects from --subjects_config or from the repeated per-subject flags (exactly one of the two)."""
+    templates = args.personalization_prompt or [DEFAULT_PERSONALIZATION_PROMPT]
+    per_subject_flags = [args.instance_data_dir, args.placeholder_token, args.class_name]
+    if args.subjects_config is not None:
+        if any(per_subject_flags):
+            raise UserInputError(
+                "Give the subjects either with --subjects_config or with --instance_data_dir / --placeholder_token / "
+                "--class_name, not both."
+            )
+        if len(templates) > 1:
+            raise UserInputError(
+                "With --subjects_config, --personalization_prompt may be given once (the default template); put a "
+                "per-subject prompt in the file's 'personalization_prompt' field instead."
+            )
+        return load_subjects_config(args.subjects_config, templates[0])
+    return subjects_from_flags(args.instance_data_dir, args.placeholder_token, args.class_name, templates)
+
+
+def subjects_from_flags(folders, tokens, class_names, templates):
+    """Subject i is the i-th --instance_data_dir, --placeholder_token, --class_name (and --personalization_prompt)."""
+    if not folders:
+        raise UserInputError(
+            "No subjects: give --subjects_config subjects.json, or --instance_data_dir, --placeholder_token and "
+            "--class_name once per subject."
+        )
+    counts = {
+        "--instance_data_dir": len(folders),
+        "--placeholder_token": len(tokens or []),
+        "--class_name": len(class_names or []),
+    }
+    if len(set(counts.values())) != 1:
+        given = ", ".join(f"{flag} × {count}" for flag, count in counts.items())
+        raise UserInputError(
+            f"Give --instance_data_dir, --placeholder_token and --class_name once per subject ({given})."
+        )
+    if len(templates) not in (1, len(folders)):
+        raise UserInputError(
+            f"--personalization_prompt is given {len(templates)} times for {len(folders)} subjects: give it once "
+            "(for all) or once per subject."
+        )
+    if len(templates) == 1:
+        templates = templates * len(folders)
+    return [
+        Subject(folder, token, class_name, template, f"subject {number} of the command line")
+        for number, (folder, token, class_name, template) in enumerate(
+            zip(folders, tokens, class_names, templates), start=1
+        )
+    ]
+
+
+def load_subjects_config(path, default_template):
+    """Read a --subjects_config JSON list; relative folders are relative to the file, so a config travels with its
+    images."""
+    path = Path(path).expanduser()
+    flag = f"--subjects_config {str(path)!r}"
+    example = (
+        '[{"instance_data_dir": "./my_cat", "placeholder_token": "<my-cat>", "class_name": "cat"}, '
+        '{"instance_data_dir": "./artwork", "placeholder_token": "<wanderer>", "class_name": "painting", '
+        '"personalization_prompt": "An oil painting of {token}"}]'
+    )
+    if not path.is_file():
+        raise UserInputError(f"{flag} is not a file.")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserInputError(f"{flag} is not valid JSON ({error}). Expected a list such as {example}.") from None
+    if not isinstance(entries, list) or not entries:
+        raise UserInputError(f"{flag} must hold a non-empty JSON list of subjects, e.g. {example}.")
+    subjects = []
+    for number, entry in enumerate(entries, start=1):
+        origin = f"{flag}, subject {number}"
+        if not isinstance(entry, dict):
+            raise UserInputError(f"{origin} is {type(entry).__name__}, not an object such as {example[1:-1]}.")
+        unknown = sorted(set(entry) - set(SUBJECT_REQUIRED_KEYS) - set(SUBJECT_OPTIONAL_KEYS))
+        if unknown:
+            raise UserInputError(
+                f"{origin} has unknown field(s) {unknown}; the fields are "
+                f"{list(SUBJECT_REQUIRED_KEYS + SUBJECT_OPTIONAL_KEYS)}."
+            )
+        missing = [key for key in SUBJECT_REQUIRED_KEYS if key not in entry]
+        if missing:
+            raise UserInputError(f"{origin} lacks {missing}; every subject needs {list(SUBJECT_REQUIRED_KEYS)}.")
+        not_text = [key for key, value in entry.items() if not isinstance(value, str)]
+        if not_text:
+            raise UserInputError(f"{origin}: {not_text} must be strings.")
+        folder = Path(entry["instance_data_dir"]).expanduser()
+        if not folder.is_absolute():
+            folder = path.parent / folder
+        subjects.append(
+            Subject(
+                str(folder),
+                entry["placeholder_token"],
+                entry["class_name"],
+                entry.get("personalization_prompt", default_template),
+                origin,
+            )
+        )
+    return subjects
+
+
+def validate_subjects(subjects, target_prompt, clean_prompt):
+    """The checks of train_palp.validate_args, per subject, plus what only several subjects can get wrong."""
+    seen = {}
+    for subject in subjects:
+        token = subject.placeholder_token
+        if not token or re.search(r"\s", token):
+            raise UserInputError(f"{subject.origin}: placeholder token {token!r} must be one word without spaces.")
+        if not subject.class_name.strip():
+            raise UserInputError(f"{subject.origin}: the class name is empty; give a noun such as 'cat'.")
+        if "{token}" not in subject.personalization_prompt and token not in subject.personalization_prompt:
+            raise UserInputError(
+                f"{subject.origin}: personalization prompt {subject.personalization_prompt!r} must contain "
+                f"'{{token}}' or {token!r}."
+            )
+        if not Path(subject.instance_data_dir).is_dir():
+            raise UserInputError(f"{subject.origin}: instance_data_dir {subject.instance_data_dir!r} is not a folder.")
+        if token in seen:
+            raise UserInputError(
+                f"{subject.origin}: placeholder token {token!r} is already the token of {seen[token]}; every subject "
+                "needs its own token, e.g. '<my-cat>' and '<my-dog>'."
+            )
+        # Each token is saved to its own embedding file; two tokens with the same file name would overwrite each other.
+        file_name = embedding_file_name(token, single=False)
+        if file_name in seen:
+            raise UserInputError(
+                f"{subject.origin}: placeholder token {token!r} would be saved to {file_name}, like the token of "
+                f"{seen[file_name]}; every subject needs its own token, e.g. '<my-cat>' and '<my-dog>'."
+            )
+        seen[token] = seen[file_name] = subject.origin
+    missing = [subject for subject in subjects if subject.placeholder_token not in target_prompt]
+    if missing:
+        names = ", ".join(f"{s.placeholder_token!r} ({s.origin})" for s in missing)
+        raise UserInputError(
+            f"--target_prompt {target_prompt!r} does not contain {names}: every subject's token must appear where "
+            "that subject goes, e.g. 'An oil painting of <my-cat> inspired by <wanderer> painting'."
+        )
+    in_clean = [subject.placeholder_token for subject in subjects if subject.placeholder_token in clean_prompt]
+    if in_clean:
+        raise UserInputError(
+            f"--clean_prompt {clean_prompt!r} contains {in_clean}: it must describe the scene with class nouns only, "
+            "e.g. 'An oil painting of a cat sitting on a rock'."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The PALP mathematics: pure functions of tensors. ᾱ_t below is scheduler.alphas_cumprod[t], broadcast per sample.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_palp._per_sample
+def _per_sample(values, like):
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+# Copied from train_palp.add_noise
+def add_noise(x0, noise, alpha_bar):
+    """x_t = √ᾱ_t · x0 + √(1-ᾱ_t) · ε."""
+    a = _per_sample(alpha_bar, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+# Copied from train_palp.predicted_original_sample
+def predicted_original_sample(x_t, eps, alpha_bar):
+    """x̂0 = (x_t - √(1-ᾱ_t) · ε̂) / √ᾱ_t, the model's one-step clean estimate."""
+    a = _per_sample(alpha_bar, x_t)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+# Copied from train_palp.epsilon_from_model_output
+def epsilon_from_model_output(model_output, x_t, alpha_bar, prediction_type):
+    """PALP's mathematics is written in ε; a v-prediction model (SD 2.x 768 px) is converted: ε = √ᾱ·v + √(1-ᾱ)·x_t."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        a = _per_sample(alpha_bar, x_t)
+        return a.sqrt() * model_output + (1 - a).sqrt() * x_t
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r}: PALP needs 'epsilon' or 'v_prediction'.")
+
+
+# Copied from train_palp.classifier_free_guidance
+def classifier_free_guidance(eps_uncond, eps_cond, scale):
+    """ε^s = ε(∅) + s · (ε(y) - ε(∅))."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+# Copied from train_palp.alignment_direction
+def alignment_direction(mode, guided_pretrained, guided_personalized=None, noise=None):
+    """The direction D that the alignment loss pushes ε̂ along (and x̂0 against).
+
+    dds (PALP): D = ε^α_pre(x̂_t2, t2, y_c) - ε^β_per(x̂_t2, t2, y_P), the Delta Denoising Score.
+    sds (ablation): D = ε^α_pre(x̂_t2, t2, y_c) - ε2, Score Distillation against the added noise.
+    """
+    if mode == "dds":
+        return guided_pretrained - guided_personalized
+    if mode == "sds":
+        return guided_pretrained - noise
+    raise ValueError(f"alignment mode {mode!r} has no direction")
+
+
+# Copied from train_palp.alignment_timestep_weight
+def alignment_timestep_weight(alpha_bar_t2, weighting):
+    """w(t2): 1 ('uniform'), or 1 - ᾱ_t2 ('one_minus_alpha_bar')."""
+    if weighting == "uniform":
+        return torch.ones_like(alpha_bar_t2)
+    if weighting == "one_minus_alpha_bar":
+        return 1 - alpha_bar_t2
+    raise ValueError(f"Unknown alignment weighting {weighting!r}")
+
+
+# Copied from train_palp.palp_alignment_loss
+def palp_alignment_loss(eps_hat, direction, alpha_bar_t1, weight, rescale=True):
+    """L_align = -w(t2) · mean(sg(D) · ε̂), PALP's surrogate for the DDS gradient.
+
+    The DDS gradient on the sample is D, applied through x̂0:
+        ∇_θ = D · ∂x̂0/∂θ = -(√(1-ᾱ_t1)/√ᾱ_t1) · D · ∂ε̂/∂θ.
+    With the paper's rescale by √ᾱ_t1/√(1-ᾱ_t1) every timestep gets an update of the same size and
+    ∇_θ = -D · ∂ε̂/∂θ, the gradient of -⟨sg(D), ε̂⟩. Descent moves ε̂ along +D, hence x̂0 along -D: towards the
+    pre-trained model's picture of the clean prompt, away from the personalized model's habit. Without the rescale
+    the factor √(1-ᾱ_t1)/√ᾱ_t1 stays in. Only ε̂ carries a gradient: D is detached here whatever the caller passed.
+    """
+    eps_hat = eps_hat.float()
+    scale = weight.float()
+    if not rescale:
+        scale = scale * ((1 - alpha_bar_t1) / alpha_bar_t1).sqrt().float()
+    per_sample = (direction.detach().float() * eps_hat).flatten(1).mean(dim=1)
+    return -(scale * per_sample).mean()
+
+
+# Copied from train_palp.AlignmentConfig
+@dataclass
+class AlignmentConfig:
+    """PALP's alignment settings (see --help for the source of each default)."""
+
+    mode: str = "dds"
+    guidance_scale_pretrained: float = 15.0
+    guidance_scale_personalized: float = 7.5
+    weight: float = 1.0
+    noise: str = "same"
+    timestep: str = "independent"
+    weighting: str = "uniform"
+    rescale: bool = True
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(
+            mode=args.alignment_mode,
+            guidance_scale_pretrained=args.guidance_scale_pretrained,
+            guidance_scale_personalized=args.guidance_scale_personalized,
+            weight=args.alignment_weight,
+            noise=args.alignment_noise,
+            timestep=args.alignment_timestep,
+            weighting=args.alignment_weighting,
+            rescale=args.rescale,
+        )
+
+
+# Copied from train_palp.lora_disabled
+@contextlib.contextmanager
+def lora_disabled(unet):
+    """The pre-trained model is the same UNet with its LoRA switched off: no second copy in memory."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+# Copied from train_palp.guided_epsilon
+def guided_epsilon(unet, x_t, t, cond, uncond, scale, alpha_bar, prediction_type):
+    """ε^scale(x_t, t, cond), gradient-free. The conditional and unconditional passes run as one batched call;
+    with scale 1 the unconditional pass is skipped (ε^1 = ε(cond))."""
+    if scale == 1.0:
+        out = unet(x_t, t, encoder_hidden_states=cond).sample
+        return epsilon_from_model_output(out.float(), x_t.float(), alpha_bar, prediction_type)
+    batch = x_t.shape[0]
+    uncond = uncond.to(cond.dtype).expand(batch, *uncond.shape[1:])
+    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
+    eps = epsilon_from_model_output(out.float(), torch.cat([x_t, x_t]).float(), alpha_bar.repeat(2), prediction_type)
+    eps_cond, eps_uncond = eps.chunk(2)
+    return classifier_free_guidance(eps_uncond, eps_cond, scale)
+
+
+# Copied from train_palp.palp_losses
+def palp_losses(
+    unet,
+    base_unet,
+    latents,
+    noise,
+    t1,
+    t2,
+    noise2,
+    cond_personal,
+    cond_clean,
+    uncond,
+    alphas_cumprod,
+    prediction_type,
+    config,
+):
+    """One PALP step's two loss terms; returns (L_pers, L_align). Only L_pers's forward pass carries a gradient.
+
+    ``unet`` is the (possibly distributed) training model, ``base_unet`` the same module unwrapped, whose LoRA can be
+    switched off for the pre-trained prediction. ``cond_personal`` is y_P per sample (with gradient to [V]);
+    ``cond_clean`` and ``uncond`` are fixed embeddings of y_c and ∅ with batch dimension 1.
+    """
+    a1, a2 = alphas_cumprod[t1], alphas_cumprod[t2]
+    x_t1 = add_noise(latents, noise, a1)
+    model_output = unet(x_t1, t1, encoder_hidden_states=cond_personal).sample
+    if prediction_type == "v_prediction":
+        target = _per_sample(a1, latents).sqrt() * noise - (1 - _per_sample(a1, latents)).sqrt() * latents
+    else:
+        target = noise
+    loss_pers = F.mse_loss(model_output.float(), target.float())
+    if config.mode == "none" or config.weight == 0:
+        return loss_pers, torch.zeros_like(loss_pers)
+
+    eps_hat = epsilon_from_model_output(model_output.float(), x_t1.float(), a1, prediction_type)
+    with torch.no_grad():
+        x0_hat = predicted_original_sample(x_t1.float(), eps_hat, a1)
+        x_t2 = add_noise(x0_hat, noise2.float(), a2).to(latents.dtype)
+        batch = latents.shape[0]
+        with lora_disabled(base_unet):
+            g_pre = guided_epsilon(
+                base_unet,
+                x_t2,
+                t2,
+                cond_clean.expand(batch, *cond_clean.shape[1:]),
+                uncond,
+                config.guidance_scale_pretrained,
+                a2,
+                prediction_type,
+            )
+        g_per = None
+        if config.mode == "dds":
+            g_per = guided_epsilon(
+                base_unet,
+                x_t2,
+                t2,
+                cond_personal.detach(),
+                uncond,
+                config.guidance_scale_personalized,
+                a2,
+                prediction_type,
+            )
+        direction = alignment_direction(config.mode, g_pre, g_per, noise2.float())
+    weight = alignment_timestep_weight(a2, config.weighting)
+    loss_align = palp_alignment_loss(eps_hat, direction, a1, weight, config.rescale)
+    return loss_pers, loss_align
+
+
+# Copied from train_palp.timestep_bounds
+def timestep_bounds(num_train_timesteps, min_ratio, max_ratio):
+    t_min = int(round(min_ratio * num_train_timesteps))
+    t_max = min(int(round(max_ratio * num_train_timesteps)), num_train_timesteps - 1)
+    return t_min, max(t_min, t_max)
+
+
+# Copied from train_palp.sample_step_noise
+def sample_step_noise(latent_shape, t_bounds, config, generator):
+    """ε, t1, t2 and ε2 for one step, all from the step's own generator (so a resumed run draws the same)."""
+    batch = latent_shape[0]
+    t_min, t_max = t_bounds
+    noise = torch.randn(latent_shape, generator=generator)
+    t1 = torch.randint(t_min, t_max + 1, (batch,), generator=generator)
+    t2 = torch.randint(t_min, t_max + 1, (batch,), generator=generator)
+    noise2 = torch.randn(latent_shape, generator=generator)
+    if config.timestep == "same":
+        t2 = t1
+    if config.noise == "same":
+        noise2 = noise
+    return noise, t1, t2, noise2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts and the placeholder tokens
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_palp.format_prompt
+def format_prompt(template, token):
+    return template.replace("{token}", token)
+
+
+def image_subjects(image_counts):
+    """Subject index of each image of the flat list that concatenates the subjects' images in order."""
+    return [subject for subject, count in enumerate(image_counts) for _ in range(count)]
+
+
+def personalization_prompts_for(indices, subject_of_image, subject_prompts):
+    """y_P of each image of a batch: the prompt of the subject the image belongs to. These prompts feed both the
+    personalization loss and the personalized branch g_per, so every image is denoised under its own token."""
+    return [subject_prompts[subject_of_image[index]] for index in indices]
+
+
+def personalization_batch(tokenizer, image_counts, subject_prompts):
+    """``batch_prompts(indices)`` for build_run: the y_P token ids [B, 77] of a batch, one row per image."""
+    subject_of_image = image_subjects(image_counts)
+    return lambda indices: tokenize(tokenizer, personalization_prompts_for(indices, subject_of_image, subject_prompts))
+
+
+# Copied from train_palp.PlaceholderEmbedding
+class PlaceholderEmbedding(torch.nn.Module):
+    """The text encoder's token embedding with trainable rows for the new tokens only.
+
+    The frozen matrix is never touched, so every other row stays bit-identical, and the optimizer holds state for
+    the new rows alone (not for the whole 49k × 768 matrix).
+    """
+
+    def __init__(self, base, token_ids, init_rows):
+        super().__init__()
+        self.base = base
+        self.register_buffer("token_ids", torch.as_tensor(token_ids, dtype=torch.long), persistent=False)
+        self.rows = torch.nn.Parameter(init_rows.detach().clone().float())
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, input_ids):
+        embeds = self.base(input_ids)
+        match = input_ids.unsqueeze(-1) == self.token_ids  # [..., num_new]
+        if not match.any():
+            return embeds
+        rows = (match.to(self.rows.dtype) @ self.rows).to(embeds.dtype)
+        return torch.where(match.any(-1, keepdim=True), rows, embeds)
+
+
+# Copied from train_palp.add_placeholder_tokens
+def add_placeholder_tokens(tokenizer, text_encoder, tokens, class_names):
+    """Add one token per subject, initialised from the mean embedding of its class noun; return the ids and the
+    PlaceholderEmbedding that now serves as the text encoder's input embedding."""
+    vocab = tokenizer.get_vocab()
+    for token in tokens:
+        # "cat" is stored as "cat</w>": a word is known when it already encodes to a single token.
+        if token in vocab or len(tokenizer.encode(token, add_special_tokens=False)) == 1:
+            raise UserInputError(
+                f"--placeholder_token {token!r} is already in the tokenizer's vocabulary: pick a new word, e.g. "
+                f"'<my-{token.strip('<>')}>'."
+            )
+    if tokenizer.add_tokens(list(tokens)) != len(tokens):
+        raise UserInputError(
+            f"Could not add the placeholder tokens {tokens} to the tokenizer; use new, distinct words."
+        )
+    token_ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    for token, token_id in zip(tokens, token_ids):
+        if tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+            raise UserInputError(
+                f"--placeholder_token {token!r} does not tokenize to one token (the tokenizer lowercases its input): "
+                "use a lowercase word such as '<my-cat>'."
+            )
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    base = text_encoder.get_input_embeddings()
+    init_rows = []
+    for class_name in class_names:
+        class_ids = tokenizer.encode(class_name, add_special_tokens=False)
+        if not class_ids:
+            raise UserInputError(f"--class_name {class_name!r} gives no tokens; use a noun such as 'cat'.")
+        init_rows.append(base.weight.data[class_ids].float().mean(dim=0))
+    init_rows = torch.stack(init_rows)
+    with torch.no_grad():
+        base.weight[token_ids] = init_rows.to(base.weight.dtype)
+    base.requires_grad_(False)
+    embedding = PlaceholderEmbedding(base, token_ids, init_rows)
+    text_encoder.set_input_embeddings(embedding)
+    return token_ids, embedding
+
+
+# Copied from train_palp.tokenize
+def tokenize(tokenizer, prompts):
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+# Copied from train_palp.encode_prompts
+def encode_prompts(text_encoder, input_ids):
+    return text_encoder(input_ids)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_palp.load_image
+def load_image(path_or_image):
+    """An RGB PIL image with EXIF orientation applied; transparency is composited on white."""
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+# Copied from train_palp.load_instance_images
+def load_instance_images(folder, flag="--instance_data_dir"):
+    """Every readable image in ``folder``; unreadable ones are skipped with a warning naming the file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserInputError(f"{flag} {str(folder)!r} is not a folder.")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                images.append(load_image(image))
+        except Exception as error:  # PIL raises many types for broken files
+            warnings.warn(f"Skipping {path}: not a readable image ({error}).", stacklevel=2)
+    if not images:
+        raise UserInputError(
+            f"{flag} {str(folder)!r} holds no readable image ({', '.join(IMAGE_EXTENSIONS)}); add the subject photos."
+        )
+    return images
+
+
+# Copied from train_palp.resize_shorter_side
+def resize_shorter_side(image, resolution):
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+# Copied from train_palp.image_to_tensor
+def image_to_tensor(image, resolution, center_crop, random_flip, generator):
+    """Resized (shorter side = resolution) PIL image → cropped, maybe flipped tensor in [-1, 1], shape [3, H, W]."""
+    width, height = image.size
+    if center_crop:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and torch.rand(1, generator=generator).item() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+# Copied from train_palp.step_generator
+def step_generator(seed, rank, micro_step):
+    """A generator for one micro-step, derived from (seed, rank, step) alone: a resumed run draws exactly what the
+    uninterrupted run drew, with no random state to save."""
+    state = np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+# Copied from train_palp.batch_indices
+def batch_indices(num_images, batch_size, micro_step, seed, rank, world_size):
+    """Image indices of one rank's micro-batch: epochs are seeded permutations of the images, consumed in order,
+    the global batch split across ranks."""
+    start = (micro_step * world_size + rank) * batch_size
+    indices = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_images)
+        permutation = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        indices.append(int(permutation[offset]))
+    return indices
+
+
+def seeded_permutation(size, key):
+    """A permutation of range(size) fixed by ``key`` (a list of non-negative ints) alone."""
+    state = np.random.SeedSequence(key).generate_state(1)[0]
+    return torch.randperm(size, generator=torch.Generator().manual_seed(int(state)))
+
+
+def balanced_batch_indices(image_counts, batch_size, micro_step, seed, rank, world_size):
+    """Image indices (into the concatenated images) of one rank's micro-batch, every subject drawn equally often.
+
+    The global stream of draws is cut into rounds of one draw per subject, in a seeded order per round; a subject's
+    k-th draw takes the next image of its own seeded epochs. So a one-image artwork is drawn as often as a six-image
+    subject, and every image of a subject is seen once per epoch of that subject. Like ``batch_indices`` the result
+    depends on its arguments alone (exact resume), and ranks split the global batch.
+    """
+    num_subjects = len(image_counts)
+    offsets = np.cumsum([0, *image_counts[:-1]])
+    start = (micro_step * world_size + rank) * batch_size
+    indices = []
+    for position in range(start, start + batch_size):
+        round_index, slot = divmod(position, num_subjects)
+        subject = int(seeded_permutation(num_subjects, [seed, 0, round_index])[slot])
+        epoch, offset = divmod(round_index, image_counts[subject])
+        image = int(seeded_permutation(image_counts[subject], [seed, 1 + subject, epoch])[offset])
+        indices.append(int(offsets[subject]) + image)
+    return indices
+
+
+def subject_sampler(mode, image_counts, batch_size):
+    """``draw_indices(micro_step, seed, rank, world_size)`` for build_run, per --subject_sampling."""
+    if mode == "balanced":
+        return lambda step, seed, rank, world: balanced_batch_indices(
+            image_counts, batch_size, step, seed, rank, world
+        )
+    if mode == "proportional":
+        return lambda step, seed, rank, world: batch_indices(sum(image_counts), batch_size, step, seed, rank, world)
+    raise ValueError(f"Unknown subject sampling {mode!r}; choose from {SUBJECT_SAMPLING_CHOICES}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_palp.check_model_folder
+def check_model_folder(path):
+    """A local --pretrained_model_name_or_path must look like a diffusers Stable Diffusion folder."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if path.startswith((".", "/", "~")) or path.count("/") != 1:
+            raise UserInputError(
+                f"--pretrained_model_name_or_path {path!r} is neither a local folder nor a Hub id like "
+                "'stable-diffusion-v1-5/stable-diffusion-v1-5'."
+            )
+        return  # a Hub id; from_pretrained reports problems with it
+    missing = [
+        name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / name).is_dir()
+    ]
+    if missing:
+        raise UserInputError(
+            f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion folder in the diffusers layout "
+            f"(missing: {', '.join(missing)})."
+        )
+
+
+# Copied from train_palp.load_tokenizer
+def load_tokenizer(args):
+    check_model_folder(args.pretrained_model_name_or_path)
+    try:
+        return CLIPTokenizer.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir
+        )
+    except OSError as error:
+        raise UserInputError(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: could not load its tokenizer "
+            f"({error}). Check the name, your network and `hf auth login`, or give a local folder."
+        ) from error
+
+
+# Copied from train_palp.load_models
+def load_models(args):
+    """Text encoder, VAE, UNet and the training noise schedule; all frozen."""
+    common = dict(revision=args.revision, cache_dir=args.cache_dir)
+    path = args.pretrained_model_name_or_path
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+    return text_encoder, vae, unet, noise_scheduler
+
+
+# Copied from train_palp.add_lora
+def add_lora(unet, rank, alpha, dropout):
+    """LoRA on the self- and cross-attention projections (to_q, to_k, to_v, to_out.0), as in the paper."""
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=LORA_TARGET_MODULES,
+    )
+    unet.add_adapter(config)
+    return config
+
+
+# Copied from train_palp.weight_dtype_for
+def weight_dtype_for(mixed_precision):
+    # Keyed on accelerator.mixed_precision, so a precision chosen with `accelerate config` counts too.
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+# Copied from train_palp.build_optimizer
+def build_optimizer(args, lora_params, embedding_params, num_processes):
+    scale = args.train_batch_size * args.gradient_accumulation_steps * num_processes if args.scale_lr else 1
+    lr = args.learning_rate * scale
+    embedding_lr = (args.embedding_learning_rate or args.learning_rate) * scale
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        [{"params": lora_params, "lr": lr}, {"params": embedding_params, "lr": embedding_lr}],
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving: LoRA (diffusers and kohya formats), embeddings, checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_palp.lora_state_dict
+def lora_state_dict(unet):
+    """The UNet's LoRA in PEFT naming (``...to_q.lora_A.weight``), as fp32 tensors on the CPU."""
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+# Copied from train_palp.save_lora
+def save_lora(output_dir, unet, lora_config, kohya=True):
+    """``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` and, optionally, a kohya/WebUI copy."""
+    peft_state = lora_state_dict(unet)
+    metadata = {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "target_modules": LORA_TARGET_MODULES}
+    StableDiffusionPipeline.save_lora_weights(
+        output_dir,
+        unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+        weight_name=LORA_NAME,
+        unet_lora_adapter_metadata=metadata,
+    )
+    if kohya:
+        kohya_state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()})
+        # The converter writes alpha = rank; the true alpha keeps the LoRA's scale in WebUI/ComfyUI.
+        kohya_state = {
+            k: torch.tensor(float(lora_config.lora_alpha)) if k.endswith(".alpha") else v.contiguous()
+            for k, v in kohya_state.items()
+        }
+        save_file(kohya_state, os.path.join(output_dir, KOHYA_LORA_NAME))
+
+
+# Copied from train_palp.load_lora
+def load_lora(unet, folder):
+    """Load a LoRA saved by :func:`save_lora` into the UNet's existing adapter."""
+    state = load_file(os.path.join(folder, LORA_NAME))
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA keys that do not fit this UNet: {unexpected[:3]}")
+
+
+# Copied from train_palp.embedding_file_name
+def embedding_file_name(token, single=True):
+    if single:
+        return EMBEDDINGS_NAME
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
+    return f"learned_embeds_{slug}.safetensors"
+
+
+# Copied from train_palp.save_embeddings
+def save_embeddings(output_dir, tokens, embedding):
+    """One safetensors file per token, ``{token: [1, dim]}``: the form ``pipe.load_textual_inversion`` loads."""
+    paths = []
+    for index, token in enumerate(tokens):
+        path = os.path.join(output_dir, embedding_file_name(token, single=len(tokens) == 1))
+        save_file({token: embedding.rows[index : index + 1].detach().float().cpu().contiguous()}, path)
+        paths.append(path)
+    return paths
+
+
+# Copied from train_palp.load_embeddings
+def load_embeddings(folder, tokens, embedding):
+    with torch.no_grad():
+        for index, token in enumerate(tokens):
+            state = load_file(os.path.join(folder, embedding_file_name(token, single=len(tokens) == 1)))
+            embedding.rows[index].copy_(state[token][0].to(embedding.rows.dtype))
+
+
+# Copied from train_palp.save_optimizer
+def save_optimizer(folder, optimizer):
+    """Optimizer state as safetensors (tensors) + JSON (everything else): no pickle in a checkpoint."""
+    state_dict = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            name = f"{param_id}.{key}"
+            if torch.is_tensor(value):
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                scalars[name] = value
+    save_file(tensors, os.path.join(folder, OPTIMIZER_TENSORS_NAME))
+    return {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+# Copied from train_palp.load_optimizer
+def load_optimizer(folder, optimizer, saved):
+    state = {}
+    for name, value in list(load_file(os.path.join(folder, OPTIMIZER_TENSORS_NAME)).items()) + list(
+        saved["scalars"].items()
+    ):
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+# Copied from train_palp.checkpoint_step
+def checkpoint_step(path):
+    match = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+# Copied from train_palp.list_checkpoints
+def list_checkpoints(output_dir):
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    found = [p for p in found if (p / CHECKPOINT_STATE_NAME).exists()]  # complete ones only
+    return sorted(found, key=checkpoint_step)
+
+
+# Copied from train_palp.save_checkpoint
+def save_checkpoint(
+    output_dir, step, unet, lora_config, tokens, embedding, optimizer, lr_scheduler, scaler, seed, total_limit=None
+):
+    """Write ``checkpoint-<step>`` atomically: into a temporary folder, renamed when complete."""
+    existing = list_checkpoints(output_dir)
+    if total_limit is not None and len(existing) >= total_limit:
+        for old in existing[: len(existing) - total_limit + 1]:
+            shutil.rmtree(old)
+    final = Path(output_dir) / f"checkpoint-{step}"
+    tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_lora(tmp, unet, lora_config, kohya=False)
+    save_embeddings(tmp, tokens, embedding)
+    state = {
+        "global_step": step,
+        "seed": seed,
+        "placeholder_tokens": list(tokens),
+        "optimizer": save_optimizer(tmp, optimizer),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+    }
+    (tmp / CHECKPOINT_STATE_NAME).write_text(json.dumps(state, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+# Copied from train_palp.resolve_checkpoint
+def resolve_checkpoint(output_dir, resume_from_checkpoint):
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise UserInputError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder.")
+    return path
+
+
+# Copied from train_palp.read_checkpoint_state
+def read_checkpoint_state(path):
+    try:
+        return json.loads((Path(path) / CHECKPOINT_STATE_NAME).read_text())
+    except (OSError, ValueError) as error:
+        raise UserInputError(
+            f"Checkpoint {str(path)!r} is damaged or incomplete ({error}). "
+            "Delete it, or pass another folder to --resume_from_checkpoint."
+        ) from error
+
+
+# Copied from train_palp.load_checkpoint
+def load_checkpoint(path, unet, tokens, embedding, optimizer, lr_scheduler, scaler):
+    """Restore LoRA, token rows, optimizer, schedule and step; return the saved state (step, seed)."""
+    state = read_checkpoint_state(path)
+    try:
+        if state["placeholder_tokens"] != list(tokens):
+            raise ValueError(f"it was trained for tokens {state['placeholder_tokens']}, not {list(tokens)}")
+        load_lora(unet, path)
+        load_embeddings(path, tokens, embedding)
+        load_optimizer(path, optimizer, state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+    except Exception as error:
+        raise UserInputError(
+            f"Checkpoint {str(path)!r} is damaged or incomplete ({type(error).__name__}: {error}). "
+            "Delete it, or pass another folder to --resume_from_checkpoint."
+        ) from error
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation, model card, Hub
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_palp.generate_images
+def generate_images(
+    unet,
+    vae,
+    text_encoder,
+    tokenizer,
+    noise_scheduler,
+    prompt,
+    num_images,
+    resolution,
+    guidance_scale,
+    num_inference_steps,
+    seed,
+    device,
+    autocast,
+):
+    """Sample with the training modules themselves (no copy, no dtype cast of shared weights)."""
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images = []
+    with torch.no_grad(), autocast:
+        for _ in range(num_images):
+            images.append(
+                pipeline(
+                    prompt,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=generator,
+                ).images[0]
+            )
+    return images
+
+
+# Copied from train_palp.log_validation
+def log_validation(accelerator, images, prompt, step, folder, name):
+    """Save images under ``folder`` and log them to the trackers."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        path = os.path.join(folder, f"{name}_{index}.png")
+        image.save(path)
+        paths.append(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(name, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: [wandb.Image(i, caption=f"{index}: {prompt}") for index, i in enumerate(images)]})
+    return paths
+
+
+# Copied from train_palp.public_config
+def public_config(args, **resolved):
+    """The run's settings for training_config.json and the trackers; the hub token never leaves the process."""
+    config = {k: v for k, v in vars(args).items() if k != "hub_token"}
+    config.update(resolved)
+    return config
+
+
+def model_card(config, image_paths, output_dir):
+    """README.md for the output folder / Hub repo: every token with its class, image count and y_P."""
+    subjects = config["subjects"]
+    single = len(subjects) == 1
+    rows = "\n".join(
+        f"| `{s['placeholder_token']}` | {s['class_name']} | {s['num_images']} | `{s['personalization_prompt']}` | "
+        f"`{embedding_file_name(s['placeholder_token'], single)}` |"
+        for s in subjects
+    )
+    loads = "\n".join(
+        f'pipe.load_textual_inversion("path/or/repo-of-this-folder", '
+        f'weight_name="{embedding_file_name(s["placeholder_token"], single)}")'
+        for s in subjects
+    )
+    images = "\n".join(f"![sample]({os.path.relpath(p, output_dir)})" for p in image_paths)
+    settings = "\n".join(
+        f"| `{key}` | `{config[key]}` |"
+        for key in (
+            "subject_sampling",
+            "alignment_mode",
+            "guidance_scale_pretrained",
+            "guidance_scale_personalized",
+            "alignment_weight",
+            "alignment_noise",
+            "alignment_timestep",
+            "alignment_weighting",
+            "rescale",
+            "timestep_min_ratio",
+            "timestep_max_ratio",
+            "rank",
+            "lora_alpha",
+            "learning_rate",
+            "embedding_learning_rate",
+            "max_train_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "resolution",
+            "mixed_precision",
+            "seed",
+        )
+    )
+    tokens = ", ".join(f"`{s['placeholder_token']}`" for s in subjects)
+    return f"""---
+base_model: {config["pretrained_model_name_or_path"]}
+library_name: diffusers
+license: other
+tags:
+- text-to-image
+- diffusers
+- lora
+- textual-inversion
+- palp
+- stable-diffusion
+instance_prompt: {json.dumps(config["target_prompt"])}
+---
+
+# PALP multi-subject personalization: {tokens}
+
+One LoRA and {len(subjects)} textual-inversion embedding(s) trained together with PALP (Prompt Aligned
+Personalization, Arar et al., 2024) on `{config["pretrained_model_name_or_path"]}` for one target prompt.
+
+- Target prompt: `{config["target_prompt"]}`
+- Clean prompt (pre-trained model's view, y_c): `{config["clean_prompt_resolved"]}`
+- Base model: `{config["pretrained_model_name_or_path"]}`
+
+| token | class | images | personalization prompt (y_P) | embedding file |
+|---|---|---|---|---|
+{rows}
+
+## Use it with diffusers
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{config["pretrained_model_name_or_path"]}", torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("path/or/repo-of-this-folder")
+{loads}
+image = pipe("{config["target_prompt"]}").images[0]
+```
+
+`{KOHYA_LORA_NAME}` is the same LoRA for AUTOMATIC1111 / ComfyUI; each embedding file holds one token.
+
+## Training settings
+
+| setting | value |
+|---|---|
+{settings}
+
+## Samples (`{config["validation_prompt_resolved"]}`)
+
+{images}
+"""
+
+
+# Copied from train_palp.push_to_hub
+def push_to_hub(output_dir, repo_id, token):
+    """Create the repo and upload the folder without checkpoints, optimizer states or partial files."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=output_dir,
+        commit_message="PALP personalization",
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".checkpoint-*", ".checkpoint-*/**", "*.tmp", "logs/**"],
+        token=token,
+    )
+    return repo_id
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_palp.StopRequest
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to save a checkpoint and stop at the end of the current optimizer step."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Handle SIGINT/SIGTERM while training; the previous handlers come back afterwards."""
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self) for sig in signals}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+# Copied from train_palp.setup_accelerator
+def setup_accelerator(args):
+    import logging
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    return accelerator
+
+
+# Copied from train_palp.resolve_seed
+def resolve_seed(args, checkpoint_state):
+    if checkpoint_state is not None:
+        if args.seed is not None and args.seed != checkpoint_state["seed"]:
+            logger.warning(
+                f"--seed {args.seed} differs from the checkpoint's seed {checkpoint_state['seed']}; using the latter."
+            )
+        return checkpoint_state["seed"]
+    if args.seed is not None:
+        return args.seed
+    return int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+
+
+# Copied from train_palp.LatentSampler
+class LatentSampler:
+    """VAE latents of the subject images. With a deterministic crop (``--center_crop`` without ``--random_flip``)
+    each image's posterior is computed once and only its sample is drawn per step."""
+
+    def __init__(self, vae, images, resolution, center_crop, random_flip, device, dtype):
+        self.vae, self.device, self.dtype = vae, device, dtype
+        self.images = [resize_shorter_side(image, resolution) for image in images]
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.cache = {} if center_crop and not random_flip else None
+
+    def posterior(self, index, generator):
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        pixels = image_to_tensor(self.images[index], self.resolution, self.center_crop, self.random_flip, generator)
+        with torch.no_grad():
+            dist = self.vae.encode(pixels[None].to(self.device, dtype=self.dtype)).latent_dist
+        entry = (dist.mean.float(), dist.std.float())
+        if self.cache is not None:
+            self.cache[index] = entry
+        return entry
+
+    def __call__(self, indices, generator):
+        mean, std = (torch.cat(parts) for parts in zip(*(self.posterior(i, generator) for i in indices)))
+        sample = mean + std * torch.randn(mean.shape, generator=generator).to(self.device)
+        return (sample * self.vae.config.scaling_factor).to(self.dtype)
+
+
+# Copied from train_palp.stop_requested
+def stop_requested(accelerator, stop):
+    """Every rank stops at the same step, whichever of them received the signal."""
+    flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return bool(flag.item() > 0)
+
+
+# Copied from train_palp.prepare_models
+def prepare_models(args, accelerator, tokenizer, tokens, class_names):
+    """Frozen models in the training dtype, the placeholder rows and the LoRA in fp32."""
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    text_encoder, vae, unet, noise_scheduler = load_models(args)
+    _, embedding = add_placeholder_tokens(tokenizer, text_encoder, tokens, class_names)
+    for model in (vae, text_encoder, unet):
+        model.to(accelerator.device, dtype=weight_dtype)
+    lora_config = add_lora(unet, args.rank, args.lora_alpha or args.rank, args.lora_dropout)
+    # Mixed precision computes in fp16/bf16, but what trains (LoRA, the token rows) is stored in fp32.
+    cast_training_params([unet, text_encoder], dtype=torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    return text_encoder, vae, unet, noise_scheduler, embedding, lora_config, weight_dtype
+
+
+# Copied from train_palp.TrainingRun
+@dataclass
+class TrainingRun:
+    """Everything the training loop touches, built once by ``main``."""
+
+    accelerator: Accelerator
+    args: argparse.Namespace
+    seed: int
+    tokens: list
+    tokenizer: CLIPTokenizer
+    text_encoder: torch.nn.Module  # as prepared by accelerate (maybe distributed)
+    unet: torch.nn.Module  # as prepared by accelerate (maybe distributed)
+    vae: AutoencoderKL
+    noise_scheduler: DDPMScheduler
+    embedding: PlaceholderEmbedding
+    lora_config: LoraConfig
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    weight_dtype: torch.dtype
+    alignment: AlignmentConfig
+    cond_clean: torch.Tensor  # y_c, encoded once: it holds no learned token
+    uncond: torch.Tensor  # ∅, encoded once
+    sample_batch: object  # (micro_step, generator) -> (latents, y_P token ids) of this rank's micro-batch
+    validation_prompt: str
+    config: dict
+    global_step: int = 0
+
+    @property
+    def base_unet(self):
+        return self.accelerator.unwrap_model(self.unet)
+
+    @property
+    def base_text_encoder(self):
+        return self.accelerator.unwrap_model(self.text_encoder)
+
+    @property
+    def trainable(self):
+        return [p for p in self.base_unet.parameters() if p.requires_grad] + [self.embedding.rows]
+
+
+# Copied from train_palp.training_step
+def training_step(run, micro_step):
+    """One micro-batch: draw it, compute L_pers + λ·L_align, back-propagate once, step when accumulation is done."""
+    accelerator, scheduler = run.accelerator, run.noise_scheduler
+    device = accelerator.device
+    with accelerator.accumulate(run.unet, run.text_encoder):
+        generator = step_generator(run.seed, accelerator.process_index, micro_step)
+        latents, personal_ids = run.sample_batch(micro_step, generator)
+        t_bounds = timestep_bounds(
+            scheduler.config.num_train_timesteps, run.args.timestep_min_ratio, run.args.timestep_max_ratio
+        )
+        noise, t1, t2, noise2 = sample_step_noise(latents.shape, t_bounds, run.alignment, generator)
+        with accelerator.autocast():
+            cond_personal = encode_prompts(run.text_encoder, personal_ids.to(device))
+            loss_pers, loss_align = palp_losses(
+                run.unet,
+                run.base_unet,
+                latents,
+                noise.to(device, run.weight_dtype),
+                t1.to(device),
+                t2.to(device),
+                noise2.to(device, run.weight_dtype),
+                cond_personal,
+                run.cond_clean,
+                run.uncond,
+                scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+                scheduler.config.prediction_type,
+                run.alignment,
+            )
+        loss = loss_pers + run.alignment.weight * loss_align
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(run.trainable, run.args.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, loss_pers, loss_align
+
+
+# Copied from train_palp.train_loop
+def train_loop(run):
+    """Optimizer steps until --max_train_steps, with logging, checkpoints, validation and clean stops on signals."""
+    accelerator, args = run.accelerator, run.args
+    progress = tqdm(
+        range(args.max_train_steps),
+        initial=run.global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    micro_step = run.global_step * args.gradient_accumulation_steps
+    run.unet.train()
+    with StopRequest().installed() as stop:
+        while run.global_step < args.max_train_steps:
+            loss, loss_pers, loss_align = training_step(run, micro_step)
+            micro_step += 1
+            if not accelerator.sync_gradients:
+                continue
+            run.global_step += 1
+            progress.update(1)
+            logs = {
+                "loss": loss.item(),
+                "loss_pers": loss_pers.item(),
+                "loss_align": loss_align.item(),
+                "lr": run.lr_scheduler.get_last_lr()[0],
+            }
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(
+                    f"The loss became {logs['loss']} at step {run.global_step} (L_pers={logs['loss_pers']}, "
+                    f"L_align={logs['loss_align']}); nothing was saved. Try --mixed_precision bf16 instead of fp16, "
+                    "a lower --learning_rate, or a lower --alignment_weight."
+                )
+            progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
+            accelerator.log(logs, step=run.global_step)
+            stopping = stop_requested(accelerator, stop)
+            if accelerator.is_main_process and (run.global_step % args.checkpointing_steps == 0 or stopping):
+                path = save_checkpoint(
+                    args.output_dir,
+                    run.global_step,
+                    run.base_unet,
+                    run.lora_config,
+                    run.tokens,
+                    run.embedding,
+                    run.optimizer,
+                    run.lr_scheduler,
+                    accelerator.scaler,
+                    run.seed,
+                    args.checkpoints_total_limit,
+                )
+                logger.info(f"Saved checkpoint {path}")
+            if stopping:
+                accelerator.wait_for_everyone()
+                accelerator.end_training()
+                raise SystemExit(
+                    f"Stopped by a signal at step {run.global_step}; checkpoint-{run.global_step} is saved in "
+                    f"{args.output_dir}. Resume with --resume_from_checkpoint latest."
+                )
+            if (
+                args.validation_steps
+                and run.global_step % args.validation_steps == 0
+                and run.global_step < args.max_train_steps
+                and args.num_validation_images > 0
+                and accelerator.is_main_process
+            ):
+                validate(run, f"step-{run.global_step}")
+                run.unet.train()
+
+
+# Copied from train_palp.validate
+def validate(run, name):
+    args = run.args
+    run.base_unet.eval()
+    images = generate_images(
+        run.base_unet,
+        run.vae,
+        run.base_text_encoder,
+        run.tokenizer,
+        run.noise_scheduler,
+        run.validation_prompt,
+        args.num_validation_images,
+        args.resolution,
+        args.validation_guidance_scale,
+        args.validation_num_inference_steps,
+        run.seed,
+        run.accelerator.device,
+        run.accelerator.autocast(),
+    )
+    folder = os.path.join(args.output_dir, "samples")
+    return log_validation(run.accelerator, images, run.validation_prompt, run.global_step, folder, name)
+
+
+# Copied from train_palp.save_outputs
+def save_outputs(run):
+    """Final files: embeddings, LoRA (diffusers + kohya), samples, config, and the model card last."""
+    args = run.args
+    save_embeddings(args.output_dir, run.tokens, run.embedding)
+    save_lora(args.output_dir, run.base_unet, run.lora_config)
+    image_paths = validate(run, "final") if args.num_validation_images > 0 else []
+    Path(args.output_dir, CONFIG_NAME).write_text(json.dumps(run.config, indent=2, default=str))
+    Path(args.output_dir, "README.md").write_text(model_card(run.config, image_paths, args.output_dir))
+    logger.info(f"Saved the LoRA and the embedding to {args.output_dir}")
+    if args.push_to_hub:
+        repo_id = push_to_hub(args.output_dir, args.hub_model_id or Path(args.output_dir).name, args.hub_token)
+        logger.info(f"Uploaded to https://huggingface.co/{repo_id}")
+
+
+# Copied from train_palp.encode_fixed_prompts
+def encode_fixed_prompts(text_encoder, tokenizer, clean_prompt, device, dtype):
+    """y_c and ∅ never change during training (no learned token in them): encode them once."""
+    with torch.no_grad():
+        fixed = encode_prompts(text_encoder, tokenize(tokenizer, [clean_prompt, ""]).to(device)).to(dtype)
+    return fixed[:1], fixed[1:]
+
+
+# Copied from train_palp.build_run
+def build_run(
+    args, accelerator, tokenizer, tokens, class_names, images, clean_prompt, config, draw_indices, batch_prompts
+):
+    """Models, optimizer, schedule and data for ``train_loop``; resumes from a checkpoint when asked.
+
+    ``draw_indices(micro_step, seed, rank, world_size)`` picks the images of a rank's micro-batch and
+    ``batch_prompts(indices)`` gives their y_P token ids.
+    """
+    resume_path = (
+        resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    )
+    seed = resolve_seed(args, read_checkpoint_state(resume_path) if resume_path else None)
+    set_seed(seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    text_encoder, vae, unet, noise_scheduler, embedding, lora_config, weight_dtype = prepare_models(
+        args, accelerator, tokenizer, tokens, class_names
+    )
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = build_optimizer(args, lora_params, [embedding.rows], accelerator.num_processes)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    cond_clean, uncond = encode_fixed_prompts(
+        accelerator.unwrap_model(text_encoder), tokenizer, clean_prompt, accelerator.device, weight_dtype
+    )
+    latents_of = LatentSampler(
+        vae, images, args.resolution, args.center_crop, args.random_flip, accelerator.device, weight_dtype
+    )
+
+    def sample_batch(micro_step, generator):
+        indices = draw_indices(micro_step, seed, accelerator.process_index, accelerator.num_processes)
+        return latents_of(indices, generator), batch_prompts(indices)
+
+    run = TrainingRun(
+        accelerator=accelerator,
+        args=args,
+        seed=seed,
+        tokens=list(tokens),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        noise_scheduler=noise_scheduler,
+        embedding=embedding,
+        lora_config=lora_config,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        weight_dtype=weight_dtype,
+        alignment=AlignmentConfig.from_args(args),
+        cond_clean=cond_clean,
+        uncond=uncond,
+        sample_batch=sample_batch,
+        validation_prompt=config["validation_prompt_resolved"],
+        config={**config, "seed": seed},
+    )
+    if resume_path is not None:
+        state = load_checkpoint(
+            resume_path, run.base_unet, run.tokens, embedding, optimizer, lr_scheduler, accelerator.scaler
+        )
+        run.global_step = state["global_step"]
+        logger.info(f"Resumed from {resume_path} at step {run.global_step}")
+    elif args.resume_from_checkpoint:
+        logger.info("No checkpoint to resume from; starting a new run.")
+    return run
+
+
+def main(args):
+    accelerator = setup_accelerator(args)
+    # Inputs first: everything a user can get wrong fails here, before a model is loaded.
+    subjects = read_subjects(args)
+    subject_images = [
+        load_instance_images(subject.instance_data_dir, flag=f"{subject.origin}: instance_data_dir")
+        for subject in subjects
+    ]
+    image_counts = [len(images) for images in subject_images]
+    images = [image for group in subject_images for image in group]
+    tokenizer = load_tokenizer(args)
+    tokens = [subject.placeholder_token for subject in subjects]
+    prompts = [subject.prompt for subject in subjects]
+    config = public_config(
+        args,
+        subjects=[
+            {
+                "placeholder_token": subject.placeholder_token,
+                "class_name": subject.class_name,
+                "instance_data_dir": subject.instance_data_dir,
+                "num_images": count,
+                "personalization_prompt": subject.prompt,
+            }
+            for subject, count in zip(subjects, image_counts)
+        ],
+        clean_prompt_resolved=args.clean_prompt,
+        validation_prompt_resolved=args.validation_prompt or args.target_prompt,
+        lora_alpha=args.lora_alpha or args.rank,
+    )
+
+    run = build_run(
+        args,
+        accelerator,
+        tokenizer,
+        tokens,
+        [subject.class_name for subject in subjects],
+        images,
+        args.clean_prompt,
+        config,
+        draw_indices=subject_sampler(args.subject_sampling, image_counts, args.train_batch_size),
+        batch_prompts=personalization_batch(tokenizer, image_counts, prompts),
+    )
+    if accelerator.is_main_process:
+        accelerator.init_trackers(
+            "palp-multi-subject",
+            config={k: v for k, v in run.config.items() if isinstance(v, (int, float, str, bool))},
+        )
+    described = "; ".join(
+        f"{token} ({count} image(s), y_P={prompt!r})" for token, count, prompt in zip(tokens, image_counts, prompts)
+    )
+    logger.info(
+        f"PALP multi-subject: {described}; y_c={args.clean_prompt!r}, sampling={args.subject_sampling}, "
+        f"mode={run.alignment.mode}, α={args.guidance_scale_pretrained}, β={args.guidance_scale_personalized}, "
+        f"seed={run.seed}"
+    )
+    train_and_save(run)
+    return run
+
+
+# Copied from train_palp.train_and_save
+def train_and_save(run):
+    """Train, check that every process ended with the same weights, and write the outputs once."""
+    train_loop(run)
+    run.accelerator.wait_for_everyone()
+    check_replicas_in_sync(run.accelerator, run.trainable)
+    if run.accelerator.is_main_process:
+        save_outputs(run)
+    run.accelerator.end_training()
+
+
+# Copied from train_palp.check_replicas_in_sync
+def check_replicas_in_sync(accelerator, parameters):
+    """With several processes every rank must end with the same weights; a cheap checksum proves it."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in parameters]).to(accelerator.device)
+    gathered = accelerator.gather(checksum[None]).reshape(accelerator.num_processes, -1)
+    if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-6, atol=1e-8):
+        raise RuntimeError("The processes ended with different weights; the distributed setup is broken.")
+    logger.info(f"Trained weights are identical on all {accelerator.num_processes} processes.")
+
+
+# Copied from train_palp.cli
+def cli(input_args=None):
+    try:
+        args = parse_args(input_args)
+        main(args)
+    except (UserInputError, FloatingPointError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    cli()
