@@ -598,11 +598,14 @@ def palp_losses(
     if config.mode == "none" or config.weight == 0:
         return loss_pers, torch.zeros_like(loss_pers)
 
+    # The alignment branch starts from the personalized model's one-step clean estimate x̂0 of this very forward
+    # pass, re-noised under stop-gradient: x̂_t2 = √ᾱ_t2 · sg(x̂0) + √(1-ᾱ_t2) · ε2. Everything in it is gradient-free.
     eps_hat = epsilon_from_model_output(model_output.float(), x_t1.float(), a1, prediction_type)
     with torch.no_grad():
         x0_hat = predicted_original_sample(x_t1.float(), eps_hat, a1)
         x_t2 = add_noise(x0_hat, noise2.float(), a2).to(latents.dtype)
         batch = latents.shape[0]
+        # g_pre = ε^α of the pre-trained model (the same UNet, LoRA off) on [y_c, ∅], one batched call.
         with lora_disabled(base_unet):
             g_pre = guided_epsilon(
                 base_unet,
@@ -616,6 +619,7 @@ def palp_losses(
             )
         g_per = None
         if config.mode == "dds":
+            # g_per = ε^β of the personalized model on [y_P, ∅] (only y_P when β = 1).
             g_per = guided_epsilon(
                 base_unet,
                 x_t2,
@@ -684,15 +688,9 @@ class PlaceholderEmbedding(torch.nn.Module):
         self.register_buffer("token_ids", torch.as_tensor(token_ids, dtype=torch.long), persistent=False)
         self.rows = torch.nn.Parameter(init_rows.detach().clone().float())
 
-    @property
-    def weight(self):
-        return self.base.weight
-
     def forward(self, input_ids):
         embeds = self.base(input_ids)
-        match = input_ids.unsqueeze(-1) == self.token_ids  # [..., num_new]
-        if not match.any():
-            return embeds
+        match = input_ids.unsqueeze(-1) == self.token_ids  # [..., num_new]; no data-dependent branch (no GPU sync)
         rows = (match.to(self.rows.dtype) @ self.rows).to(embeds.dtype)
         return torch.where(match.any(-1, keepdim=True), rows, embeds)
 
