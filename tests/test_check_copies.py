@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+
 from conftest import REPO_ROOT
 
 CHECKER = REPO_ROOT / "utils" / "check_copies.py"

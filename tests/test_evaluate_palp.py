@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_clip_tokenizer, write_instance_images
 from PIL import Image
+
+from conftest import build_tiny_clip_tokenizer, write_instance_images
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "<palp-cat>"

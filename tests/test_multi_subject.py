@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO_ROOT, build_tiny_clip_tokenizer, write_instance_images
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 import train_palp_multi_subject as tpm
+from conftest import REPO_ROOT, build_tiny_clip_tokenizer, write_instance_images
 
 CAT, ART = "<my-cat>", "<wanderer>"
 CAT_PROMPT, ART_PROMPT = f"A photo of {CAT}", f"An oil painting of {ART}"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, write_instance_images
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 import train_palp as tp
+from conftest import REPO_ROOT, write_instance_images
 
 TOKEN = "<my-cat>"
 TARGET = f"A sketch of {TOKEN} in Paris"
