@@ -32,10 +32,15 @@ import argparse
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+# Loading a trained folder is the sampling script's job; the two example scripts live side by side.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sample_palp import find_trained_weights, load_pipeline, read_embedding_token, resolve_device_and_dtype  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -222,43 +227,6 @@ def parse_args(input_args=None):
     return args
 
 
-def find_trained_weights(trained_dir, lora_weight_name, extra_embeddings):
-    """The LoRA file and the embedding files of a training output folder (plus any given explicitly)."""
-    lora_path = None
-    embedding_paths = []
-    if trained_dir is not None:
-        trained_dir = Path(trained_dir)
-        if not trained_dir.is_dir():
-            raise ValueError(f"--trained_dir {trained_dir} is not a folder; pass the --output_dir of train_palp.py.")
-        lora_path = trained_dir / lora_weight_name
-        if not lora_path.is_file():
-            raise ValueError(
-                f"--trained_dir {trained_dir} has no {lora_weight_name}; pass the folder train_palp.py wrote "
-                "(or set --lora_weight_name)."
-            )
-        # The single-subject script writes learned_embeds.safetensors, the multi-subject one learned_embeds_<slug>.
-        embedding_paths = sorted(trained_dir.glob("learned_embeds*.safetensors"))
-    for path in extra_embeddings:
-        if not Path(path).is_file():
-            raise ValueError(f"--embedding {path} does not exist.")
-        embedding_paths.append(Path(path))
-    return lora_path, embedding_paths
-
-
-def read_embedding_token(path):
-    """The placeholder token stored in an embedding file, read without loading any model."""
-    if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    else:
-        keys = list(torch.load(path, map_location="cpu", weights_only=True).keys())
-    if len(keys) != 1:
-        raise ValueError(f"Embedding file {path} should hold exactly one key (the token), found {keys}.")
-    return keys[0]
-
-
 def list_images(folder, pattern="*"):
     return sorted(p for p in Path(folder).glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -352,33 +320,6 @@ def check_inputs(args):
             raise ValueError(f"--instance_data_dir {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
         inputs["instance_paths"][folder] = paths
     return inputs
-
-
-def resolve_device_and_dtype(device, dtype):
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") else "float32"
-    return device, getattr(torch, dtype)
-
-
-def load_pipeline(args, lora_path, embedding_paths, device, dtype):
-    from diffusers import StableDiffusionPipeline
-
-    # No safety checker: a blacked-out image would be scored as if the model had drawn it.
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        variant=args.variant,
-        dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
-    if lora_path is not None:
-        pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name="palp")
-    for path in embedding_paths:
-        pipe.load_textual_inversion(str(path))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
 def generate_images(pipe, args, seeds):
@@ -572,7 +513,16 @@ def main(args):
         image_files = [str(p) for p in inputs["generated_paths"]]
     else:
         seeds = list(range(args.seed, args.seed + args.num_images))
-        pipe = load_pipeline(args, inputs["lora_path"], inputs["embedding_paths"], device, dtype)
+        pipe = load_pipeline(
+            args.pretrained_model_name_or_path,
+            inputs["lora_path"],
+            inputs["embedding_paths"],
+            device,
+            dtype,
+            revision=args.revision,
+            variant=args.variant,
+            safety_checker=False,
+        )
         generated = generate_images(pipe, args, seeds)
         del pipe
         image_files = [None] * len(generated)

@@ -159,14 +159,14 @@ def find_trained_weights(trained_dir, lora_weight_name, extra_embeddings):
 
 
 def read_embedding_token(path):
-    """The placeholder token stored in an embedding file, read without loading any model."""
-    if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
+    """The placeholder token stored in an embedding file, read without loading any model (safetensors only: a
+    pickled .bin from elsewhere is never unpickled)."""
+    from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    else:
-        keys = list(torch.load(path, map_location="cpu", weights_only=True).keys())
+    if not str(path).endswith(".safetensors"):
+        raise ValueError(f"Embedding file {path} is not a .safetensors file; only safetensors embeddings are loaded.")
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
     if len(keys) != 1:
         raise ValueError(f"Embedding file {path} should hold exactly one key (the token), found {keys}.")
     return keys[0]
@@ -244,12 +244,22 @@ def resolve_device_and_dtype(device, dtype):
 
 
 def load_pipeline(
-    pretrained_model_name_or_path, lora_path, embedding_paths, device, dtype, revision=None, variant=None
+    pretrained_model_name_or_path,
+    lora_path,
+    embedding_paths,
+    device,
+    dtype,
+    revision=None,
+    variant=None,
+    safety_checker=True,
 ):
+    """Base model + the PALP LoRA (adapter "palp") + every learned token. ``safety_checker=False`` drops the checker
+    (evaluation does: a blacked-out image would be scored as if the model had drawn it)."""
     from diffusers import StableDiffusionPipeline
 
+    extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     pipe = StableDiffusionPipeline.from_pretrained(
-        pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype
+        pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype, **extra
     )
     if lora_path is not None:
         pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name="palp")

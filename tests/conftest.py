@@ -141,6 +141,41 @@ def write_instance_images(folder, n=3, size=24, seed=0):
     return folder
 
 
+def load_example(name):
+    """Import ``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_fake_training_output(base_path, out, token="<palp-cat>", seed=0):
+    """What train_palp.py leaves in its --output_dir, made by hand: a diffusers-format UNet LoRA with a visible effect
+    and one token embedding. Returns the embedding row."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    unet = StableDiffusionPipeline.from_pretrained(base_path).unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        # LoRA B starts at zero (a no-op); make it large enough to change the images visibly.
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    out = Path(out)
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    )
+    row = torch.randn(32)
+    save_file({token: row[None]}, out / "learned_embeds.safetensors")
+    return row
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd")

@@ -1,6 +1,5 @@
 """Tests of examples/evaluate_palp.py: its numbers against a direct CLIP/DINO computation, on tiny random models."""
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -10,48 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import build_tiny_clip_tokenizer, write_instance_images
+from conftest import build_tiny_clip_tokenizer, load_example, write_fake_training_output, write_instance_images
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "<palp-cat>"
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_palp = load_script("evaluate_palp")
-
-
-def write_training_output(base_path, out, token=TOKEN, seed=0):
-    """What train_palp.py leaves in its --output_dir: a diffusers-format UNet LoRA and one token embedding."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    torch.manual_seed(seed)
-    unet = StableDiffusionPipeline.from_pretrained(base_path).unet
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():
-        # LoRA B starts at zero (a no-op); make it large enough to change the images visibly.
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5)
-    out = Path(out)
-    StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    )
-    save_file({token: torch.randn(1, 32)}, out / "learned_embeds.safetensors")
-    return out
+evaluate_palp = load_example("evaluate_palp")
 
 
 @pytest.fixture(scope="module")
 def trained_dir(tiny_sd_path, tmp_path_factory):
-    return str(write_training_output(tiny_sd_path, tmp_path_factory.mktemp("palp-out")))
+    out = tmp_path_factory.mktemp("palp-out")
+    write_fake_training_output(tiny_sd_path, out)
+    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +181,7 @@ def test_generate_and_score_matches_direct_computation(
 
 def test_generation_matches_sampling_cli(tiny_sd_path, trained_dir, tiny_clip_path, instance_dir, tmp_path):
     """The evaluated images are the ones a user would get from sample_palp.py with the same settings."""
-    sample_palp = load_script("sample_palp")
+    sample_palp = load_example("sample_palp")
     prompt = f"a photo of {TOKEN}"
     common = [
         "--pretrained_model_name_or_path",

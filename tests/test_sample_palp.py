@@ -1,59 +1,27 @@
 """Tests of examples/sample_palp.py on the tiny offline pipeline with a hand-made training output."""
 
-import importlib.util
 import json
 import logging
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO_ROOT, load_example, write_fake_training_output
+
 TOKEN = "<palp-cat>"
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample_palp = load_script("sample_palp")
-
-
-def write_training_output(base_path, out, token=TOKEN, seed=0):
-    """What train_palp.py leaves in its --output_dir: a diffusers-format UNet LoRA and one token embedding."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    torch.manual_seed(seed)
-    unet = StableDiffusionPipeline.from_pretrained(base_path).unet
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():
-        # LoRA B starts at zero (a no-op); make it large enough to change the images visibly.
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5)
-    out = Path(out)
-    StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    )
-    row = torch.randn(32)
-    save_file({token: row[None]}, out / "learned_embeds.safetensors")
-    return row
+sample_palp = load_example("sample_palp")
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("palp-out")
-    row = write_training_output(tiny_sd_path, out)
+    row = write_fake_training_output(tiny_sd_path, out)
     return str(out), row
 
 
