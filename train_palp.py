@@ -1250,11 +1250,17 @@ image = pipe("{config["target_prompt"]}").images[0]
 """
 
 
-def push_to_hub(output_dir, repo_id, token):
-    """Create the repo and upload the folder without checkpoints, optimizer states or partial files."""
-    from huggingface_hub import create_repo, upload_folder
+def create_hub_repo(args):
+    """Create (or find) the Hub repo before training, so a bad token or name fails in seconds, not after it."""
+    from huggingface_hub import create_repo
 
-    repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
+    return create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token).repo_id
+
+
+def push_to_hub(output_dir, repo_id, token):
+    """Upload the folder without checkpoints, optimizer states, logs or partial files."""
+    from huggingface_hub import upload_folder
+
     upload_folder(
         repo_id=repo_id,
         folder_path=output_dir,
@@ -1262,7 +1268,6 @@ def push_to_hub(output_dir, repo_id, token):
         ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".checkpoint-*", ".checkpoint-*/**", "*.tmp", "logs/**"],
         token=token,
     )
-    return repo_id
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1399,6 +1404,7 @@ class TrainingRun:
     validation_prompt: str
     config: dict
     global_step: int = 0
+    hub_repo_id: str = None
 
     @property
     def base_unet(self):
@@ -1550,8 +1556,8 @@ def save_outputs(run):
     Path(args.output_dir, "README.md").write_text(model_card(run.config, image_paths, args.output_dir))
     logger.info(f"Saved the LoRA and the embedding to {args.output_dir}")
     if args.push_to_hub:
-        repo_id = push_to_hub(args.output_dir, args.hub_model_id or Path(args.output_dir).name, args.hub_token)
-        logger.info(f"Uploaded to https://huggingface.co/{repo_id}")
+        push_to_hub(args.output_dir, run.hub_repo_id, args.hub_token)
+        logger.info(f"Uploaded to https://huggingface.co/{run.hub_repo_id}")
 
 
 def encode_fixed_prompts(text_encoder, tokenizer, clean_prompt, device, dtype):
@@ -1576,8 +1582,11 @@ def build_run(
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    hub_repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            hub_repo_id = create_hub_repo(args)
 
     text_encoder, vae, unet, noise_scheduler, embedding, lora_config, weight_dtype = prepare_models(
         args, accelerator, tokenizer, tokens, class_names
@@ -1625,6 +1634,7 @@ def build_run(
         sample_batch=sample_batch,
         validation_prompt=config["validation_prompt_resolved"],
         config={**config, "seed": seed},
+        hub_repo_id=hub_repo_id,
     )
     if resume_path is not None:
         state = load_checkpoint(
