@@ -97,7 +97,21 @@ def test_bf16_keeps_trainable_parameters_in_fp32(tiny_sd_path, instance_dir, tmp
 
 def test_outputs_files_card_and_config(tiny_sd_path, instance_dir, tmp_path):
     out = tmp_path / "out"
-    train(tiny_sd_path, instance_dir, out, "--hub_token", "hf_secret_never_written", "--checkpointing_steps", "2")
+    train(
+        tiny_sd_path,
+        instance_dir,
+        out,
+        "--hub_token",
+        "hf_secret_never_written",
+        "--checkpointing_steps",
+        "2",
+        "--validation_steps",
+        "2",
+        "--report_to",
+        "tensorboard",
+    )
+    assert (out / "samples" / "step-2_0.png").is_file()  # mid-training validation
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
     for name in (
         "pytorch_lora_weights.safetensors",
         "pytorch_lora_weights_kohya.safetensors",
