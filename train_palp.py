@@ -32,6 +32,7 @@ The result loads into a stock ``StableDiffusionPipeline``:
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -1355,10 +1356,10 @@ class LatentSampler:
 
 def stop_requested(accelerator, stop):
     """Every rank stops at the same step, whichever of them received the signal."""
+    if accelerator.num_processes == 1:
+        return stop.signal is not None
     flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, reduction="sum")
-    return bool(flag.item() > 0)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def prepare_models(args, accelerator, tokenizer, tokens, class_names):
@@ -1418,6 +1419,17 @@ class TrainingRun:
     def trainable(self):
         return [p for p in self.base_unet.parameters() if p.requires_grad] + [self.embedding.rows]
 
+    @functools.cached_property
+    def alphas_cumprod(self):
+        """ᾱ_t on the training device, copied there once rather than every step."""
+        return self.noise_scheduler.alphas_cumprod.to(device=self.accelerator.device, dtype=torch.float32)
+
+    @functools.cached_property
+    def t_bounds(self):
+        return timestep_bounds(
+            self.noise_scheduler.config.num_train_timesteps, self.args.timestep_min_ratio, self.args.timestep_max_ratio
+        )
+
 
 def training_step(run, micro_step):
     """One micro-batch: draw it, compute L_pers + λ·L_align, back-propagate once, step when accumulation is done."""
@@ -1426,10 +1438,7 @@ def training_step(run, micro_step):
     with accelerator.accumulate(run.unet, run.text_encoder):
         generator = step_generator(run.seed, accelerator.process_index, micro_step)
         latents, personal_ids = run.sample_batch(micro_step, generator)
-        t_bounds = timestep_bounds(
-            scheduler.config.num_train_timesteps, run.args.timestep_min_ratio, run.args.timestep_max_ratio
-        )
-        noise, t1, t2, noise2 = sample_step_noise(latents.shape, t_bounds, run.alignment, generator)
+        noise, t1, t2, noise2 = sample_step_noise(latents.shape, run.t_bounds, run.alignment, generator)
         with accelerator.autocast():
             cond_personal = encode_prompts(run.text_encoder, personal_ids.to(device))
             loss_pers, loss_align = palp_losses(
@@ -1443,7 +1452,7 @@ def training_step(run, micro_step):
                 cond_personal,
                 run.cond_clean,
                 run.uncond,
-                scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+                run.alphas_cumprod,
                 scheduler.config.prediction_type,
                 run.alignment,
             )
@@ -1476,12 +1485,9 @@ def train_loop(run):
                 continue
             run.global_step += 1
             progress.update(1)
-            logs = {
-                "loss": loss.item(),
-                "loss_pers": loss_pers.item(),
-                "loss_align": loss_align.item(),
-                "lr": run.lr_scheduler.get_last_lr()[0],
-            }
+            # One device→host copy for the three numbers (each .item() would synchronise on its own).
+            values = torch.stack([loss.detach(), loss_pers.detach(), loss_align.detach()]).float().tolist()
+            logs = dict(zip(("loss", "loss_pers", "loss_align"), values), lr=run.lr_scheduler.get_last_lr()[0])
             if not math.isfinite(logs["loss"]):
                 raise FloatingPointError(
                     f"The loss became {logs['loss']} at step {run.global_step} (L_pers={logs['loss_pers']}, "
