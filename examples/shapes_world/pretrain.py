@@ -1,16 +1,22 @@
 """Pre-train the tiny Stable Diffusion model of the shapes world, from scratch, reproducibly from a seed.
 
-Two stages, each resumable from its last checkpoint:
+Stages (``--stage``), each resumable from its last checkpoint in ``--output_dir``:
 
-1. ``vae``: an ``AutoencoderKL`` (32×32 RGB → 8×8×4 latents) on rendered scenes, reconstruction + a small KL term,
-   as in Stable Diffusion's autoencoder; its ``scaling_factor`` is then set to 1 / std of the latents.
-2. ``unet``: a ``UNet2DConditionModel`` and a small ``CLIPTextModel`` trained jointly on (latent, caption) pairs with
+1. ``data``: render the pre-training scenes once (held-out attribute combinations and the subjects' appearances are
+   never shown).
+2. ``vae``: an ``AutoencoderKL`` (32×32 RGB → 8×8×4 latents): reconstruction + a small KL term, as Stable
+   Diffusion's autoencoder (without the GAN), plus a term that keeps the image's colour in latent channels 0–2.
+3. ``unet``: a ``UNet2DConditionModel`` and a small ``CLIPTextModel`` trained jointly on (latent, caption) pairs with
    the Stable Diffusion noise schedule (``DDPMScheduler``, scaled_linear 0.00085–0.012, 1000 steps, epsilon) and 10%
    empty captions, so classifier-free guidance works (PALP's alignment term queries the empty prompt).
+4. ``decoder``: fine-tune the decoder with the encoder frozen (may run alongside ``unet``: the latents do not move).
+5. ``export``: write the standard diffusers layout, loadable with ``StableDiffusionPipeline.from_pretrained``.
 
-The result is written in the standard diffusers layout, loadable with ``StableDiffusionPipeline.from_pretrained``:
+``--stage all`` (the default) runs them in order:
 
     python examples/shapes_world/pretrain.py --output_dir runs/shapes_pretrain --export_dir examples/shapes_world/model
+
+README.md lists the exact commands, wall times and losses of the shipped model.
 """
 
 import argparse
@@ -36,25 +42,36 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed for data, initialisation and training.")
     parser.add_argument("--num_images", type=int, default=16000,
                         help="Rendered training scenes (held-out attribute combinations excluded).")
-    parser.add_argument("--vae_steps", type=int, default=1500, help="Autoencoder training steps.")
+    parser.add_argument("--vae_steps", type=int, default=1100, help="Autoencoder training steps.")
     parser.add_argument("--vae_batch_size", type=int, default=16, help="Autoencoder batch size.")
+    parser.add_argument("--vae_crop", type=int, default=32,
+                        help="Train the autoencoder on random crops of this size (32: whole images).")
     parser.add_argument("--vae_learning_rate", type=float, default=1e-3, help="Autoencoder learning rate.")
+    parser.add_argument("--latent_noise", type=float, default=0.1,
+                        help="Std of the noise added to the posterior mean while training the autoencoder (ours).")
+    parser.add_argument("--latent_colour_weight", type=float, default=1.0,
+                        help="Weight of the loss tying latent channels 0-2 to the average-pooled image (ours).")
     parser.add_argument("--kl_weight", type=float, default=1e-6,
                         help="Weight of the KL term (Stable Diffusion's autoencoder uses a tiny one).")
+    parser.add_argument("--decoder_steps", type=int, default=20000,
+                        help="Decoder fine-tuning steps (also stops at --max_decoder_minutes).")
+    parser.add_argument("--max_decoder_minutes", type=float, default=60.0,
+                        help="Wall-clock budget of the decoder fine-tuning stage.")
+    parser.add_argument("--decoder_learning_rate", type=float, default=3e-4, help="Decoder fine-tuning learning rate.")
     parser.add_argument("--unet_steps", type=int, default=20000,
                         help="UNet + text-encoder steps (training also stops at --max_unet_minutes).")
-    parser.add_argument("--max_unet_minutes", type=float, default=75.0,
+    parser.add_argument("--max_unet_minutes", type=float, default=65.0,
                         help="Wall-clock budget of the UNet stage, so pre-training ends on time on a slow machine.")
     parser.add_argument("--batch_size", type=int, default=32, help="UNet batch size.")
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="UNet and text-encoder learning rate.")
     parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the exported weights.")
     parser.add_argument("--caption_dropout", type=float, default=0.1,
                         help="Fraction of empty captions (classifier-free guidance).")
-    parser.add_argument("--checkpoint_minutes", type=float, default=5.0, help="Minutes between checkpoints.")
+    parser.add_argument("--checkpoint_minutes", type=float, default=3.0, help="Minutes between checkpoints.")
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads.")
     parser.add_argument("--fp16_export", action=argparse.BooleanOptionalAction, default=True,
                         help="Store the exported weights in float16 (half the size; loads as float32 by default).")
-    parser.add_argument("--stage", type=str, default="all", choices=["all", "data", "vae", "unet", "export"],
+    parser.add_argument("--stage", type=str, default="all", choices=["all", "data", "vae", "unet", "decoder", "export"],
                         help="Run one stage only (each resumes from its checkpoint).")
     return parser.parse_args(input_args)
 
@@ -97,10 +114,13 @@ def build_vae():
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=16,
+        # One group: GroupNorm then normalises over all channels together, which keeps the ratios between colour
+        # channels; with a few channels per group, a flat coloured background normalises to the same features
+        # whatever its colour, and the autoencoder learns colour very slowly.
+        norm_num_groups=1,
         sample_size=32,
     )
 
@@ -112,10 +132,12 @@ def build_unet():
         sample_size=8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(64, 128, 128),
+        # Two levels (8×8 and 4×4, cross-attention at both): on a CPU the cost is mostly per layer, not per
+        # channel, so fewer, wider blocks train and personalize fastest.
+        block_out_channels=(64, 128),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=64,
         attention_head_dim=8,
         norm_num_groups=16,
@@ -155,6 +177,15 @@ def build_scheduler():
     )
 
 
+def random_crop(x, size, gen):
+    """One random ``size``×``size`` window of the batch (on a multiple of 4 pixels, the autoencoder's stride). The
+    autoencoder is convolutional, so training on crops costs a quarter of the compute per image at 16 px."""
+    if size >= x.shape[-1]:
+        return x
+    top, left = (torch.randint(0, (x.shape[-1] - size) // 4 + 1, (2,), generator=gen) * 4).tolist()
+    return x[:, :, top : top + size, left : left + size]
+
+
 def train_vae(out, images, args):
     """Stage 1: reconstruction (L1 + MSE) + a tiny KL, as Stable Diffusion's autoencoder (minus the GAN)."""
     ckpt = Path(out) / "vae.pt"
@@ -166,7 +197,8 @@ def train_vae(out, images, args):
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    # Seeded by the start step, so a resumed run is as reproducible as an uninterrupted one.
+    gen = torch.Generator().manual_seed(args.seed + 1 + start)
     last_save = time.time()
     for step in range(start, args.vae_steps):
         # Cosine decay: the last steps sharpen the stripes and dots.
@@ -174,23 +206,78 @@ def train_vae(out, images, args):
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, len(images), (args.vae_batch_size,), generator=gen)
-        x = to_tensor(images[idx.numpy()])
+        x = random_crop(to_tensor(images[idx.numpy()]), args.vae_crop, gen)
         posterior = vae.encode(x).latent_dist
-        z = posterior.sample(generator=gen)
+        # Decode the posterior mean plus a little noise, not a full-variance sample: with unit variance at
+        # initialisation the decoder sees mostly noise and, on one CPU core, would need far more steps to learn.
+        # The noise keeps the decoder tolerant of the small latent errors of the diffusion model.
+        z = posterior.mean + args.latent_noise * torch.randn(posterior.mean.shape, generator=gen)
         recon = vae.decode(z).sample
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         kl = posterior.kl().mean() / x[0].numel()
-        loss = rec + args.kl_weight * kl * x[0].numel()
+        # Three latent channels are asked to hold the image's colour at latent resolution: through the
+        # autoencoder's per-image GroupNorms colour is otherwise the last thing it learns, and the subjects'
+        # identity is largely colour and pattern.
+        thumbnail = F.avg_pool2d(x, x.shape[-1] // posterior.mean.shape[-1])
+        colour = F.mse_loss(posterior.mean[:, :3], thumbnail)
+        loss = rec + args.kl_weight * kl * x[0].numel() + args.latent_colour_weight * colour
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == args.vae_steps - 1:
-            log(out, f"vae step {step} rec {rec.item():.4f} kl {kl.item():.4f} lr {lr:.2e}")
+            log(out, f"vae step {step} rec {rec.item():.4f} kl {kl.item():.4f} colour {colour.item():.4f} lr {lr:.2e}")
         if time.time() - last_save > args.checkpoint_minutes * 60 or step == args.vae_steps - 1:
             torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
             last_save = time.time()
     if start >= args.vae_steps:
         log(out, "vae already trained")
+    return vae
+
+
+def finetune_decoder(out, vae, images, args):
+    """Stage 3 (may run alongside stage 2): sharpen the decoder with the encoder frozen, as Stable Diffusion's
+    ft-MSE decoder. The latent space the UNet learns is the encoder's, so it does not move."""
+    ckpt = Path(out) / "decoder.pt"
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.decoder_learning_rate, weight_decay=0.0)
+    start, elapsed = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt)
+        vae.decoder.load_state_dict(state["decoder"])
+        vae.post_quant_conv.load_state_dict(state["post_quant_conv"])
+        opt.load_state_dict(state["opt"])
+        start, elapsed = state["step"], state["elapsed"]
+    gen = torch.Generator().manual_seed(args.seed + 5 + start)
+    t_start, last_save = time.time(), time.time()
+    step = start
+
+    def save():
+        torch.save({"decoder": vae.decoder.state_dict(), "post_quant_conv": vae.post_quant_conv.state_dict(),
+                    "opt": opt.state_dict(), "step": step, "elapsed": elapsed + time.time() - t_start}, ckpt)
+
+    while step < args.decoder_steps and elapsed + (time.time() - t_start) < args.max_decoder_minutes * 60:
+        idx = torch.randint(0, len(images), (args.vae_batch_size,), generator=gen)
+        x = to_tensor(images[idx.numpy()])
+        with torch.no_grad():
+            mean = vae.encode(x).latent_dist.mean
+        z = mean + args.latent_noise * torch.randn(mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log(out, f"decoder step {step} rec {loss.item():.4f}")
+        if time.time() - last_save > args.checkpoint_minutes * 60:
+            save()
+            last_save = time.time()
+    save()
+    log(out, f"decoder done at step {step}")
     return vae
 
 
@@ -237,7 +324,7 @@ def train_unet(out, latents, scenes, tokenizer, args):
     alphas = scheduler.alphas_cumprod
     gen = torch.Generator().manual_seed(args.seed + 3 + start)
     rng = np.random.default_rng(args.seed + 4 + start)
-    mean, std, scale = latents["mean"], latents["std"], latents["scaling_factor"]
+    mean, scale = latents["mean"], latents["scaling_factor"]
     ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params))
     t_start, last_save, running = time.time(), time.time(), None
     step = start
@@ -246,7 +333,8 @@ def train_unet(out, latents, scenes, tokenizer, args):
         for group in opt.param_groups:
             group["lr"] = args.learning_rate * warmup
         idx = torch.randint(0, len(mean), (args.batch_size,), generator=gen)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        # Latents are the posterior means (the autoencoder was trained to decode means).
+        x0 = mean[idx] * scale
         captions = [
             "" if rng.random() < args.caption_dropout
             else world.caption(scenes[i], rng, p_drop_colour=0.2, p_drop_pattern=0.2, p_drop_background=0.2)
@@ -289,11 +377,22 @@ def save_unet_checkpoint(path, unet, text_encoder, ema_unet, ema_text, opt, step
     os.replace(tmp, path)
 
 
-def export_pipeline(export_dir, vae, unet, text_encoder, tokenizer, scaling_factor, fp16):
+def set_posterior_std(vae, std):
+    """Make the encoder's posterior N(mean, std²) with a fixed ``std``: the decoder was trained on exactly such
+    samples, and fine-tuning scripts call ``latent_dist.sample()``. The KL term alone would leave the (unused)
+    log-variance near 0, i.e. noise of std 1, far larger than the latents' own spread."""
+    latent = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[latent:] = 0.0
+        vae.quant_conv.bias[latent:] = 2.0 * math.log(std)
+
+
+def export_pipeline(export_dir, vae, unet, text_encoder, tokenizer, scaling_factor, fp16, latent_noise=0.1):
     """Write the standard diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads."""
     from diffusers import StableDiffusionPipeline
 
     vae.register_to_config(scaling_factor=scaling_factor)
+    set_posterior_std(vae, latent_noise)
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=build_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -307,6 +406,27 @@ def export_pipeline(export_dir, vae, unet, text_encoder, tokenizer, scaling_fact
     return pipe
 
 
+def load_vae(out):
+    vae = build_vae()
+    vae.load_state_dict(torch.load(Path(out) / "vae.pt")["model"])
+    decoder = Path(out) / "decoder.pt"
+    if decoder.exists():
+        state = torch.load(decoder)
+        vae.decoder.load_state_dict(state["decoder"])
+        vae.post_quant_conv.load_state_dict(state["post_quant_conv"])
+    return vae.eval()
+
+
+def reconstruction_error(vae, seed, n=256):
+    """Mean absolute error (0–255 scale) of autoencoding ``n`` fresh scenes, subjects' appearances included."""
+    rng = np.random.default_rng(seed)
+    x = np.stack([np.asarray(world.render(world.random_scene(rng, hidden=True))) for _ in range(n)])
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(to_tensor(x)).latent_dist.mean).sample
+    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    return float(np.abs(recon - x).mean())
+
+
 def main(args):
     torch.set_num_threads(args.num_threads)
     out = Path(args.output_dir)
@@ -317,24 +437,36 @@ def main(args):
     log(out, f"data: {len(images)} scenes ({time.time() - t0:.0f}s)")
     if args.stage == "data":
         return
-    vae = train_vae(out, images, args) if args.stage in ("all", "vae") else None
-    if args.stage == "vae":
+    if args.stage in ("all", "vae"):
+        vae = train_vae(out, images, args).eval()
+        log(out, f"autoencoder reconstruction MAE {reconstruction_error(vae, args.seed + 6):.2f} / 255")
+        if args.stage == "vae":
+            return
+    if args.stage == "decoder":
+        vae = finetune_decoder(out, load_vae(out), images, args).eval()
+        log(out, f"autoencoder reconstruction MAE after decoder fine-tuning "
+                 f"{reconstruction_error(vae, args.seed + 6):.2f} / 255")
         return
-    if vae is None:
-        vae = build_vae()
-        vae.load_state_dict(torch.load(out / "vae.pt")["model"])
-    latents = encode_dataset(out, vae, images)
+    # The UNet's latents come from the stage-1 encoder, whatever the decoder stage does.
+    latents = encode_dataset(out, load_vae(out), images)
     log(out, f"latents: scaling factor {latents['scaling_factor']:.4f}")
     tokenizer = world.build_tokenizer()
     if args.stage in ("all", "unet"):
-        unet, text_encoder = train_unet(out, latents, scenes, tokenizer, args)
-    else:
-        state = torch.load(out / "unet.pt")
-        unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer), tokenizer.model_max_length)
-        unet.load_state_dict(state["ema_unet"])
-        text_encoder.load_state_dict(state["ema_text"])
-    export_pipeline(args.export_dir, vae, unet, text_encoder, tokenizer, latents["scaling_factor"], args.fp16_export)
-    log(out, f"exported to {args.export_dir}; total wall time {(time.time() - t0) / 60:.1f} min")
+        train_unet(out, latents, scenes, tokenizer, args)
+        if args.stage == "unet":
+            return
+    if args.stage == "all":
+        vae = finetune_decoder(out, load_vae(out), images, args).eval()
+        log(out, f"autoencoder reconstruction MAE after decoder fine-tuning "
+                 f"{reconstruction_error(vae, args.seed + 6):.2f} / 255")
+    state = torch.load(out / "unet.pt")
+    unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer), tokenizer.model_max_length)
+    unet.load_state_dict(state["ema_unet"])
+    text_encoder.load_state_dict(state["ema_text"])
+    vae = load_vae(out)
+    export_pipeline(args.export_dir, vae, unet, text_encoder, tokenizer, latents["scaling_factor"], args.fp16_export,
+                    args.latent_noise)
+    log(out, f"exported to {args.export_dir} (UNet step {state['step']}, {state['elapsed'] / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -315,18 +315,23 @@ SUBJECT_CONTEXT = {"style": "photo", "background": "grey", "companion": "none", 
 # Target prompts that change the context while asking for the subject. ``{}`` is the subject: the placeholder
 # token in the target prompt, "a <shape>" in the clean prompt.
 TARGET_TEMPLATES = (
-    "a sketch of {} on a blue background",
-    "a photo of {} on a yellow background at night",
-    "a photo of {} on a green background with a small {companion}",
+    "a sketch of {} on a {blue} background",
+    "a photo of {} on a {yellow} background at night",
+    "a photo of {} on a {green} background with a small {companion}",
     "a sketch of {} with a small {companion} at night",
-    "a photo of {} on a white background with a small {companion} at night",
-    "a sketch of {} on a green background",
+    "a photo of {} on a {white} background with a small {companion} at night",
+    "a sketch of {} on a {green} background",
 )
 
 
 def companion_for(shape):
     """A companion of a different class than the subject, so the two are not confused."""
     return "circle" if shape != "circle" else "square"
+
+
+def background_for(background, colour):
+    """The background a template asks for, unless it has the subject's colour (such scenes never occur)."""
+    return background if background != colour else "white"
 
 
 def subject_scene(name, rng, **context):
@@ -355,11 +360,12 @@ def write_subject_images(name, folder, n=5, seed=0, size=32):
 def target_prompts(name):
     """(target prompt, clean prompt) pairs for subject ``name``."""
     subject = SUBJECTS[name]
-    companion = companion_for(subject["shape"])
+    fill = {b: background_for(b, subject["colour"]) for b in ("blue", "yellow", "green", "white")}
+    fill["companion"] = companion_for(subject["shape"])
     pairs = []
     for template in TARGET_TEMPLATES:
-        target = template.format(subject["token"], companion=companion)
-        clean = template.format(f"a {subject['shape']}", companion=companion)
+        target = template.format(subject["token"], **fill)
+        clean = template.format(f"a {subject['shape']}", **fill)
         pairs.append((target, clean))
     return pairs
 
@@ -419,3 +425,32 @@ def build_tokenizer(words=VOCABULARY, model_max_length=32):
         # moving a split word's merges to the front gives them priority.
         order = split + [w for w in order if w not in split]
     raise ValueError(f"cannot make these words single tokens: {split}")
+
+
+def main(input_args=None):
+    """Draw a grid of random pre-training scenes and the subjects' photos, and print the scenes' captions."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Render a sample grid of the shapes world.")
+    parser.add_argument("--output", type=str, default="world_samples.png", help="Where the grid PNG goes.")
+    parser.add_argument("--num_scenes", type=int, default=24, help="Random pre-training scenes (rows of 8).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the scenes.")
+    parser.add_argument("--scale", type=int, default=3, help="Upscaling of the 32×32 images.")
+    args = parser.parse_args(input_args)
+    rng = np.random.default_rng(args.seed)
+    scenes = [random_scene(rng) for _ in range(args.num_scenes)]
+    images = [render(s) for s in scenes]
+    for name in SUBJECTS:
+        images += [render(subject_scene(name, rng)) for _ in range(2)]
+    cols, cell = 8, 32 * args.scale
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im.resize((cell, cell), Image.NEAREST), ((i % cols) * cell, (i // cols) * cell))
+    grid.save(args.output)
+    for i, scene in enumerate(scenes):
+        print(f"{i:2d}: {caption(scene)}")
+
+
+if __name__ == "__main__":
+    main()
