@@ -1718,8 +1718,9 @@ class TrainingRun:
     def base_text_encoder(self):
         return self.accelerator.unwrap_model(self.text_encoder)
 
-    @property
+    @functools.cached_property
     def trainable(self):
+        """The LoRA parameters and the token rows; collected once, not on every step's gradient clipping."""
         return [p for p in self.base_unet.parameters() if p.requires_grad] + [self.embedding.rows]
 
     @functools.cached_property
