@@ -1,7 +1,6 @@
 """The shapes world: its captions, the shipped pre-trained model, train_palp.py on it, and the probe."""
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,6 +109,7 @@ def test_shipped_model_loads_in_float32_and_samples():
 
 def test_train_palp_runs_on_the_shipped_model(tmp_path):
     import evaluate
+
     import train_palp
 
     subject = world.SUBJECTS["checkered_star"]
@@ -142,6 +142,26 @@ def test_probe_reads_rendered_scenes_of_known_attributes():
         truth = [world.ATTRIBUTES[attribute][world.scene_labels(s)[attribute]] for s in scenes]
         accuracy = np.mean([p[attribute] == t for p, t in zip(preds, truth)])
         assert accuracy >= 0.9, (attribute, accuracy)
+
+
+def test_shipped_autoencoder_keeps_each_subjects_identity():
+    """A subject the autoencoder cannot encode cannot be personalized: its photos, encoded to the posterior mean and
+    decoded, must still show the subject's class, colour and pattern to the probe."""
+    import probe as probe_lib
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    probe = probe_lib.load_probe(PROBE)
+    vae = AutoencoderKL.from_pretrained(str(MODEL), subfolder="vae").eval()
+    for name, subject in world.SUBJECTS.items():
+        photos = np.stack([np.asarray(Image.open(p).convert("RGB"))
+                           for p in sorted((WORLD_DIR / "subjects" / name).glob("*.png"))])
+        round_trip = probe_lib.autoencoder_round_trip(vae, photos)
+        assert round_trip.shape == photos.shape and round_trip.dtype == np.uint8
+        preds = probe_lib.classify(probe, round_trip)
+        for attribute in probe_lib.IDENTITY:
+            hits = np.mean([p[attribute] == subject[attribute] for p in preds])
+            assert hits >= 0.6, (name, attribute, hits)
 
 
 def test_metrics_count_prompt_elements_and_identity():

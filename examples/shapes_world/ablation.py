@@ -33,11 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 import evaluate
+import numpy as np
 import probe as probe_lib
+import torch
 import world
 
 HERE = Path(__file__).resolve().parent
@@ -63,7 +62,7 @@ def parse_args(input_args=None):
     parser.add_argument("--subjects_dir", type=str, default=str(HERE / "subjects"), help="Subject photos folder.")
     parser.add_argument("--probe", type=str, default=str(probe_lib.DEFAULT_PROBE), help="The probe folder.")
     parser.add_argument("--output_dir", type=str, default="runs/shapes_ablation", help="Runs, table and plot.")
-    parser.add_argument("--subjects", type=str, nargs="+", default=["checkered_star", "ringed_circle", "orange_square"],
+    parser.add_argument("--subjects", type=str, nargs="+", default=list(world.SUBJECTS),
                         choices=list(world.SUBJECTS), help="Subjects to personalize.")
     parser.add_argument("--prompt_indices", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                         help="Which of each subject's target prompts (indices into world.TARGET_TEMPLATES).")

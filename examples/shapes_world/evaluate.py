@@ -22,9 +22,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-
 import probe as probe_lib
+import torch
 import world
 
 HERE = Path(__file__).resolve().parent

@@ -4,8 +4,10 @@ Stages (``--stage``), each resumable from its last checkpoint in ``--output_dir`
 
 1. ``data``: render the pre-training scenes once (held-out attribute combinations and the subjects' appearances are
    never shown).
-2. ``vae``: an ``AutoencoderKL`` (32×32 RGB → 8×8×4 latents): reconstruction + a small KL term, as Stable
-   Diffusion's autoencoder (without the GAN), plus a term that keeps the image's colour in latent channels 0–2.
+2. ``vae``: an ``AutoencoderKL`` (32×32 RGB → 8×8×8 latents): reconstruction + a small KL term, as Stable
+   Diffusion's autoencoder (without the GAN), plus a term that keeps the image's colour in latent channels 0–2. It
+   is trained on any scene of the world, subjects' appearances included (a generic image codec, as Stable
+   Diffusion's); the UNet never sees those appearances.
 3. ``unet``: a ``UNet2DConditionModel`` and a small ``CLIPTextModel`` trained jointly on (latent, caption) pairs with
    the Stable Diffusion noise schedule (``DDPMScheduler``, scaled_linear 0.00085–0.012, 1000 steps, epsilon) and 10%
    empty captions, so classifier-free guidance works (PALP's alignment term queries the empty prompt).
@@ -29,8 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 import world
+
+# The autoencoder must keep what makes a subject itself (its outline, colour and fill pattern, down to 3-pixel
+# checks) or no personalization can: with (16, 32, 64) channels and 4 latent channels, trained only on the captioned
+# scenes, a checkered star came back as a yellow disc. 8 latent channels cost the UNet only its first and last conv.
+VAE_CHANNELS = (32, 64, 64)
+LATENT_CHANNELS = 8
 
 
 def parse_args(input_args=None):
@@ -42,7 +49,9 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed for data, initialisation and training.")
     parser.add_argument("--num_images", type=int, default=16000,
                         help="Rendered training scenes (held-out attribute combinations excluded).")
-    parser.add_argument("--vae_steps", type=int, default=1100, help="Autoencoder training steps.")
+    parser.add_argument("--num_vae_images", type=int, default=16000,
+                        help="Rendered scenes for the autoencoder (any scene, subjects' appearances included).")
+    parser.add_argument("--vae_steps", type=int, default=2500, help="Autoencoder training steps.")
     parser.add_argument("--vae_batch_size", type=int, default=16, help="Autoencoder batch size.")
     parser.add_argument("--vae_crop", type=int, default=32,
                         help="Train the autoencoder on random crops of this size (32: whole images).")
@@ -53,14 +62,14 @@ def parse_args(input_args=None):
                         help="Weight of the loss tying latent channels 0-2 to the average-pooled image (ours).")
     parser.add_argument("--kl_weight", type=float, default=1e-6,
                         help="Weight of the KL term (Stable Diffusion's autoencoder uses a tiny one).")
-    parser.add_argument("--decoder_steps", type=int, default=20000,
-                        help="Decoder fine-tuning steps (also stops at --max_decoder_minutes).")
+    parser.add_argument("--decoder_steps", type=int, default=0,
+                        help="Decoder fine-tuning steps (also stops at --max_decoder_minutes); 0 skips the stage.")
     parser.add_argument("--max_decoder_minutes", type=float, default=60.0,
                         help="Wall-clock budget of the decoder fine-tuning stage.")
     parser.add_argument("--decoder_learning_rate", type=float, default=3e-4, help="Decoder fine-tuning learning rate.")
-    parser.add_argument("--unet_steps", type=int, default=20000,
+    parser.add_argument("--unet_steps", type=int, default=4500,
                         help="UNet + text-encoder steps (training also stops at --max_unet_minutes).")
-    parser.add_argument("--max_unet_minutes", type=float, default=65.0,
+    parser.add_argument("--max_unet_minutes", type=float, default=1000.0,
                         help="Wall-clock budget of the UNet stage, so pre-training ends on time on a slow machine.")
     parser.add_argument("--batch_size", type=int, default=32, help="UNet batch size.")
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="UNet and text-encoder learning rate.")
@@ -83,17 +92,22 @@ def log(out, message):
         f.write(line + "\n")
 
 
-def render_dataset(out, num_images, seed):
-    """Render the pre-training scenes once (cached): uint8 images and their attribute dicts."""
-    path = Path(out) / "data.npz"
+def render_dataset(out, num_images, seed, codec=False):
+    """Render a training set once (cached): uint8 images and their attribute dicts.
+
+    The UNet's set (``codec=False``) leaves out the held-out combinations and the subjects' appearances. The
+    autoencoder's set (``codec=True``) draws from every scene the world can render, subjects' colour and patterns
+    included: as Stable Diffusion's autoencoder, it is a generic image codec trained on broader data than the
+    text-to-image model, so a personal subject can be encoded even though no caption can describe it."""
+    path = Path(out) / ("codec_data.npz" if codec else "data.npz")
     if path.exists():
         data = np.load(path, allow_pickle=False)
         return data["images"], json.loads(str(data["scenes"]))
     rng = np.random.default_rng(seed)
     images, scenes = [], []
     while len(scenes) < num_images:
-        scene = world.random_scene(rng)
-        if world.is_held_out(scene):
+        scene = world.random_scene(rng, hidden=codec)
+        if not codec and world.is_held_out(scene):
             continue
         scenes.append(scene)
         images.append(np.asarray(world.render(scene)))
@@ -106,7 +120,7 @@ def to_tensor(images):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def build_vae():
+def build_vae(channels=VAE_CHANNELS, latent_channels=LATENT_CHANNELS):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -114,9 +128,9 @@ def build_vae():
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
+        block_out_channels=channels,
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         # One group: GroupNorm then normalises over all channels together, which keeps the ratios between colour
         # channels; with a few channels per group, a flat coloured background normalises to the same features
         # whatever its colour, and the autoencoder learns colour very slowly.
@@ -125,13 +139,13 @@ def build_vae():
     )
 
 
-def build_unet():
+def build_unet(latent_channels=LATENT_CHANNELS):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         # Two levels (8×8 and 4×4, cross-attention at both): on a CPU the cost is mostly per layer, not per
         # channel, so fewer, wider blocks train and personalize fastest.
         block_out_channels=(64, 128),
@@ -434,16 +448,18 @@ def main(args):
     torch.manual_seed(args.seed)
     t0 = time.time()
     images, scenes = render_dataset(out, args.num_images, args.seed)
-    log(out, f"data: {len(images)} scenes ({time.time() - t0:.0f}s)")
+    codec_images, _ = render_dataset(out, args.num_vae_images, args.seed + 7, codec=True)
+    log(out, f"data: {len(images)} scenes for the UNet, {len(codec_images)} for the autoencoder "
+             f"({time.time() - t0:.0f}s)")
     if args.stage == "data":
         return
     if args.stage in ("all", "vae"):
-        vae = train_vae(out, images, args).eval()
+        vae = train_vae(out, codec_images, args).eval()
         log(out, f"autoencoder reconstruction MAE {reconstruction_error(vae, args.seed + 6):.2f} / 255")
         if args.stage == "vae":
             return
     if args.stage == "decoder":
-        vae = finetune_decoder(out, load_vae(out), images, args).eval()
+        vae = finetune_decoder(out, load_vae(out), codec_images, args).eval()
         log(out, f"autoencoder reconstruction MAE after decoder fine-tuning "
                  f"{reconstruction_error(vae, args.seed + 6):.2f} / 255")
         return
@@ -455,8 +471,8 @@ def main(args):
         train_unet(out, latents, scenes, tokenizer, args)
         if args.stage == "unet":
             return
-    if args.stage == "all":
-        vae = finetune_decoder(out, load_vae(out), images, args).eval()
+    if args.stage == "all" and args.decoder_steps > 0:
+        vae = finetune_decoder(out, load_vae(out), codec_images, args).eval()
         log(out, f"autoencoder reconstruction MAE after decoder fine-tuning "
                  f"{reconstruction_error(vae, args.seed + 6):.2f} / 255")
     state = torch.load(out / "unet.pt")

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 import world
 
 HERE = Path(__file__).resolve().parent
@@ -90,7 +89,7 @@ def classify(probe, images, batch_size=256):
     preds = []
     for i in range(0, len(x), batch_size):
         logits = probe(x[i : i + batch_size])
-        idx = {name: l.argmax(-1).tolist() for name, l in logits.items()}
+        idx = {name: logit.argmax(-1).tolist() for name, logit in logits.items()}
         for j in range(len(next(iter(idx.values())))):
             preds.append({name: probe.attributes[name][idx[name][j]] for name in idx})
     return preds
@@ -146,7 +145,7 @@ def render_set(n, seed, held_out=None, cache_dir=None):
             continue
         images.append(np.asarray(world.render(scene)))
         labels.append(world.scene_labels(scene))
-    y = {name: torch.tensor([l[name] for l in labels]) for name in world.ATTRIBUTES}
+    y = {name: torch.tensor([label[name] for label in labels]) for name in world.ATTRIBUTES}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, images=np.stack(images), **{k: v.numpy() for k, v in y.items()})
@@ -225,12 +224,28 @@ def generate(pipe, prompts, seed=0, guidance_scale=5.0, steps=20, batch_size=32)
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def autoencoder_round_trip(vae, images):
+    """``images`` (uint8, N×32×32×3) encoded to the posterior mean and decoded again: what the autoencoder keeps of a
+    scene, and so the most a diffusion model working in its latent space can draw."""
+    x = images_to_tensor(images)
+    out = []
+    for i in range(0, len(x), 256):
+        recon = vae.decode(vae.encode(x[i : i + 256]).latent_dist.mean).sample
+        out.append(((recon.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).to(torch.uint8).numpy())
+    return np.concatenate(out)
+
+
 def evaluate_base(args):
     """Per-attribute accuracy of the probe on the base model's samples of held-out captions (full captions, every
-    attribute named; held-out combinations were never in pre-training)."""
+    attribute named; held-out combinations were never in pre-training), and on the autoencoder's reconstructions of
+    held-out rendered scenes (subjects' appearances included): the ceiling of what the model can draw."""
     torch.set_num_threads(args.num_threads)
     probe = load_probe(args.probe)
     pipe = load_pipeline(args.model)
+    images, labels = render_set(args.num_samples, args.seed + 1, held_out=True)
+    round_trip = accuracy(probe, autoencoder_round_trip(pipe.vae, images), labels)
+    print("autoencoder round trip", json.dumps(round_trip), flush=True)
     rng = np.random.default_rng(args.seed)
     scenes = []
     while len(scenes) < args.num_samples:
@@ -254,7 +269,8 @@ def evaluate_base(args):
         if args.grid:
             save_grid(images[:64], f"{args.grid}_g{scale}.png")
     if args.output:
-        Path(args.output).write_text(json.dumps({"base_model_held_out_captions": results,
+        Path(args.output).write_text(json.dumps({"autoencoder_round_trip_held_out_renders": round_trip,
+                                                 "base_model_held_out_captions": results,
                                                  "num_samples": args.num_samples, "steps": args.steps}, indent=1))
     return results
 
