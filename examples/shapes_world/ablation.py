@@ -64,7 +64,7 @@ def parse_args(input_args=None):
     parser.add_argument("--output_dir", type=str, default="runs/shapes_ablation", help="Runs, table and plot.")
     parser.add_argument("--subjects", type=str, nargs="+", default=list(world.SUBJECTS),
                         choices=list(world.SUBJECTS), help="Subjects to personalize.")
-    parser.add_argument("--prompt_indices", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+    parser.add_argument("--prompt_indices", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5],
                         help="Which of each subject's target prompts (indices into world.TARGET_TEMPLATES).")
     parser.add_argument("--variants", type=str, nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="Variants to run.")
