@@ -1708,6 +1708,9 @@ def train_and_save(run):
     check_replicas_in_sync(run.accelerator, run.trainable)
     if run.accelerator.is_main_process:
         save_outputs(run)
+    # Every rank leaves together: a rank that tears its process group down while the main one is still writing the
+    # outputs can leave the main one blocked in its own teardown.
+    run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
 
 
