@@ -128,6 +128,87 @@ def build_tiny_sd(path, prediction_type="epsilon", seed=0):
     return pipe
 
 
+def build_tiny_sdxl(path, seed=0, force_zeros_for_empty_prompt=True, legacy_pooling=False):
+    """Write a tiny, randomly initialised SDXL pipeline to ``path`` and return it. The two text encoders have
+    different widths (16 and 32, projection 24), so swapping them fails on shape; the UNet takes the 48-wide
+    concatenation and SDXL's ``text_time`` added conditioning. ``legacy_pooling`` gives the second encoder the old
+    ``eos_token_id=2`` config, which pools at the argmax of the ids (the highest id: a newly added token)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tiny_clip_tokenizer(), build_tiny_clip_tokenizer()
+
+    def text_config(width, **extra):
+        return CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=width,
+            intermediate_size=37,
+            layer_norm_eps=1e-5,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            **extra,
+        )
+
+    text_encoder = CLIPTextModel(text_config(16))
+    config_2 = text_config(32, projection_dim=24)
+    if legacy_pooling:
+        config_2.eos_token_id = 2
+    text_encoder_2 = CLIPTextModelWithProjection(config_2)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 24,
+        cross_attention_dim=16 + 32,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(path)
+    return pipe
+
+
 def write_instance_images(folder, n=3, size=24, seed=0):
     """Write ``n`` small coloured-square photos (a stand-in subject) to ``folder``."""
     folder = Path(folder)
@@ -187,6 +268,13 @@ def tiny_sd_path(tmp_path_factory):
 def tiny_sd_vpred_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd-vpred")
     build_tiny_sd(path, prediction_type="v_prediction")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    build_tiny_sdxl(path)
     return str(path)
 
 
