@@ -618,7 +618,9 @@ class Conditioning:
         return Conditioning(*(joined(n) for n in ("hidden", "text_embeds", "time_ids", "alignment_time_ids")))
 
     def unet_kwargs(self):
-        added = None if self.text_embeds is None else {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        if self.text_embeds is None:  # SD 1.x/2.x: the call the UNet has always received
+            return {"encoder_hidden_states": self.hidden}
+        added = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
         return {"encoder_hidden_states": self.hidden, "added_cond_kwargs": added}
 
 

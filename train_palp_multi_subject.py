@@ -67,6 +67,7 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.optimization import get_scheduler
@@ -81,7 +82,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # Copied from train_palp.logger
 logger = get_logger(__name__)
@@ -213,7 +214,15 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
-        help="Stable Diffusion 1.x/2.x model: a Hub id or a local folder in the diffusers layout.",
+        help="Stable Diffusion 1.x/2.x or SDXL base model: a Hub id or a local folder in the diffusers layout. "
+        "Which of the two it is comes from its model_index.json.",
+    )
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="Another VAE to use (a Hub id or folder holding an AutoencoderKL), e.g. an fp16-safe SDXL VAE such as "
+        "'madebyollin/sdxl-vae-fp16-fix'. Default: the model's own VAE.",
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     parser.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
@@ -300,8 +309,9 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
     parser.add_argument(
         "--resolution",
         type=int,
-        default=512,
-        help="Training resolution (a multiple of 8). Images are resized so the shorter side matches, then cropped.",
+        default=None,
+        help="Training resolution (a multiple of 8). Images are resized so the shorter side matches, then cropped. "
+        "Default: the model's native size, UNet sample_size × VAE scale factor (512, 768 or 1024).",
     )
     parser.add_argument("--center_crop", action="store_true", help="Center-crop instead of random crop.")
     parser.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
@@ -428,7 +438,7 @@ def validate_args(args):
 # Copied from train_palp.validate_training_args
 def validate_training_args(args):
     """Checks of the flags that both PALP scripts share; each error names the flag and the fix."""
-    if args.resolution <= 0 or args.resolution % 8:
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         raise UserInputError(f"--resolution {args.resolution} must be a positive multiple of 8 (e.g. 512).")
     for flag in ("max_train_steps", "rank", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, flag) <= 0:
@@ -764,16 +774,73 @@ def lora_disabled(unet):
         unet.enable_adapters()
 
 
+# Copied from train_palp.Conditioning
+@dataclass
+class Conditioning:
+    """What a UNet call is conditioned on, as one value: the text hidden states and, for SDXL, the pooled text
+    embedding and the micro-conditioning ``time_ids`` (diffusers' ``added_cond_kwargs``). The PALP functions only
+    batch, detach and pass it on, so they do not know which model family they run on. A plain tensor stands for
+    hidden states alone (SD 1.x/2.x)."""
+
+    hidden: torch.Tensor
+    text_embeds: torch.Tensor = None
+    time_ids: torch.Tensor = None
+    # The alignment passes see a prompt as inference does: SDXL's time_ids (res, res, 0, 0, res, res) rather than
+    # the photo's real size and crop. None: the same as time_ids.
+    alignment_time_ids: torch.Tensor = None
+
+    @classmethod
+    def of(cls, value):
+        return value if isinstance(value, cls) else cls(value)
+
+    def _map(self, fn):
+        fields = (self.hidden, self.text_embeds, self.time_ids, self.alignment_time_ids)
+        return Conditioning(*(None if v is None else fn(v) for v in fields))
+
+    def expand(self, batch):
+        return self._map(lambda v: v.expand(batch, *v.shape[1:]))
+
+    def to(self, dtype):
+        return self._map(lambda v: v.to(dtype))
+
+    def detach(self):
+        return self._map(torch.Tensor.detach)
+
+    def for_alignment(self):
+        """Gradient-free, with the time_ids of inference."""
+        cond = self.detach()
+        if cond.alignment_time_ids is not None:
+            cond.time_ids = cond.alignment_time_ids
+        return cond
+
+    @staticmethod
+    def cat(conds):
+        def joined(name):
+            values = [getattr(c, name) for c in conds]
+            return None if values[0] is None else torch.cat(values)
+
+        return Conditioning(*(joined(n) for n in ("hidden", "text_embeds", "time_ids", "alignment_time_ids")))
+
+    def unet_kwargs(self):
+        if self.text_embeds is None:  # SD 1.x/2.x: the call the UNet has always received
+            return {"encoder_hidden_states": self.hidden}
+        added = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        return {"encoder_hidden_states": self.hidden, "added_cond_kwargs": added}
+
+
 # Copied from train_palp.guided_epsilon
 def guided_epsilon(unet, x_t, t, cond, uncond, scale, alpha_bar, prediction_type):
     """ε^scale(x_t, t, cond), gradient-free. The conditional and unconditional passes run as one batched call;
-    with scale 1 the unconditional pass is skipped (ε^1 = ε(cond))."""
+    with scale 1 the unconditional pass is skipped (ε^1 = ε(cond)). ``cond`` and ``uncond`` are Conditionings
+    (or hidden-state tensors); ``uncond`` has batch dimension 1."""
+    cond = Conditioning.of(cond)
     if scale == 1.0:
-        out = unet(x_t, t, encoder_hidden_states=cond).sample
+        out = unet(x_t, t, **cond.unet_kwargs()).sample
         return epsilon_from_model_output(out.float(), x_t.float(), alpha_bar, prediction_type)
     batch = x_t.shape[0]
-    uncond = uncond.to(cond.dtype).expand(batch, *uncond.shape[1:])
-    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
+    uncond = Conditioning.of(uncond).to(cond.hidden.dtype).expand(batch)
+    both = Conditioning.cat([cond, uncond])
+    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), **both.unet_kwargs()).sample
     eps = epsilon_from_model_output(out.float(), torch.cat([x_t, x_t]).float(), alpha_bar.repeat(2), prediction_type)
     eps_cond, eps_uncond = eps.chunk(2)
     return classifier_free_guidance(eps_uncond, eps_cond, scale)
@@ -799,11 +866,13 @@ def palp_losses(
 
     ``unet`` is the (possibly distributed) training model, ``base_unet`` the same module unwrapped, whose LoRA can be
     switched off for the pre-trained prediction. ``cond_personal`` is y_P per sample (with gradient to [V]);
-    ``cond_clean`` and ``uncond`` are fixed embeddings of y_c and ∅ with batch dimension 1.
+    ``cond_clean`` and ``uncond`` are fixed embeddings of y_c and ∅ with batch dimension 1. All three are
+    Conditionings (or hidden-state tensors), whatever the model family.
     """
+    cond_personal, cond_clean = Conditioning.of(cond_personal), Conditioning.of(cond_clean)
     a1, a2 = alphas_cumprod[t1], alphas_cumprod[t2]
     x_t1 = add_noise(latents, noise, a1)
-    model_output = unet(x_t1, t1, encoder_hidden_states=cond_personal).sample
+    model_output = unet(x_t1, t1, **cond_personal.unet_kwargs()).sample
     if prediction_type == "v_prediction":
         target = _per_sample(a1, latents).sqrt() * noise - (1 - _per_sample(a1, latents)).sqrt() * latents
     else:
@@ -825,7 +894,7 @@ def palp_losses(
                 base_unet,
                 x_t2,
                 t2,
-                cond_clean.expand(batch, *cond_clean.shape[1:]),
+                cond_clean.expand(batch),
                 uncond,
                 config.guidance_scale_pretrained,
                 a2,
@@ -838,7 +907,7 @@ def palp_losses(
                 base_unet,
                 x_t2,
                 t2,
-                cond_personal.detach(),
+                cond_personal.for_alignment(),
                 uncond,
                 config.guidance_scale_personalized,
                 a2,
@@ -894,10 +963,10 @@ def personalization_prompts_for(indices, subject_of_image, subject_prompts):
     return [subject_prompts[subject_of_image[index]] for index in indices]
 
 
-def personalization_batch(tokenizer, image_counts, subject_prompts):
-    """``batch_prompts(indices)`` for build_run: the y_P token ids [B, 77] of a batch, one row per image."""
+def personalization_batch(image_counts, subject_prompts):
+    """``batch_prompts(indices)`` for build_run: the y_P prompts of a batch, one per image."""
     subject_of_image = image_subjects(image_counts)
-    return lambda indices: tokenize(tokenizer, personalization_prompts_for(indices, subject_of_image, subject_prompts))
+    return lambda indices: personalization_prompts_for(indices, subject_of_image, subject_prompts)
 
 
 # Copied from train_palp.PlaceholderEmbedding
@@ -973,6 +1042,172 @@ def encode_prompts(text_encoder, input_ids):
     return text_encoder(input_ids)[0]
 
 
+# Copied from train_palp.TextConditioner
+class TextConditioner:
+    """What differs between model families, in one place: how prompts become UNet conditioning, what ∅ is, which
+    files hold the embedding and which pipeline loads the result. This class is SD 1.x/2.x: one CLIP text encoder,
+    its last hidden state; ∅ is the encoded empty prompt; the embedding file is ``{token: [1, dim]}``.
+
+    It owns the tokenizers, the text encoders (``text_encoders`` may be replaced by their accelerate-prepared
+    versions) and one PlaceholderEmbedding per encoder.
+    """
+
+    pipeline_class = StableDiffusionPipeline
+    tokenizer_folders = ("tokenizer",)
+    encoder_folders = ("text_encoder",)
+    encoder_classes = (CLIPTextModel,)
+    embedding_keys = None  # None: the file's key is the token itself
+    load_imports = ""  # what the model card's snippet imports besides diffusers
+
+    def __init__(self, tokenizers, model_index=None):
+        self.tokenizers = list(tokenizers)
+        self.model_index = model_index or {}
+        self.text_encoders, self.embeddings = [], []
+        self.resolution = None
+
+    @property
+    def zero_uncond(self):
+        return False
+
+    def load_text_encoders(self, path, variant=None, **common):
+        self.text_encoders = [
+            model_class.from_pretrained(path, subfolder=folder, variant=variant, **common).requires_grad_(False)
+            for model_class, folder in zip(self.encoder_classes, self.encoder_folders)
+        ]
+        return self.text_encoders
+
+    def add_placeholder_tokens(self, tokens, class_names):
+        """[V] in every tokenizer and encoder, each row initialised from its own encoder's class-noun rows."""
+        self.embeddings = [
+            add_placeholder_tokens(tokenizer, encoder, tokens, class_names)[1]
+            for tokenizer, encoder in zip(self.tokenizers, self.text_encoders)
+        ]
+        return self.embeddings
+
+    @property
+    def trainable_rows(self):
+        return [embedding.rows for embedding in self.embeddings]
+
+    def tokenize(self, prompts):
+        return tuple(tokenize(tokenizer, prompts) for tokenizer in self.tokenizers)
+
+    def encode(self, input_ids, image_geometry=None):
+        """Conditioning of the token ids from :meth:`tokenize`; ``image_geometry`` [B, 6] (original size, crop,
+        target size of each photo) matters only to SDXL."""
+        return Conditioning(encode_prompts(self.text_encoders[0], input_ids[0]))
+
+    def encode_fixed(self, clean_prompt, device, dtype):
+        """y_c and ∅, encoded once (no learned token in them), batch dimension 1, with the time_ids of inference.
+        ∅ is what the pipeline uses at inference without a negative prompt."""
+        with torch.no_grad():
+            fixed = self.encode(tuple(i.to(device) for i in self.tokenize([clean_prompt, ""]))).to(dtype)
+        fixed.time_ids = fixed.alignment_time_ids
+        cond_clean, uncond = fixed._map(lambda v: v[:1]), fixed._map(lambda v: v[1:])
+        if self.zero_uncond:
+            uncond.hidden, uncond.text_embeds = torch.zeros_like(uncond.hidden), torch.zeros_like(uncond.text_embeds)
+        return cond_clean, uncond
+
+    def keys_for(self, token):
+        return list(self.embedding_keys or [token])
+
+    def embedding_state(self, index, token):
+        """The safetensors dict of one token: one row per text encoder."""
+        return {
+            key: embedding.rows[index : index + 1].detach().float().cpu().contiguous()
+            for key, embedding in zip(self.keys_for(token), self.embeddings)
+        }
+
+    def load_embedding_state(self, index, token, state):
+        with torch.no_grad():
+            for key, embedding in zip(self.keys_for(token), self.embeddings):
+                embedding.rows[index].copy_(state[key][0].to(embedding.rows.dtype))
+
+    def pipeline(self, vae, unet, scheduler, text_encoders=None):
+        """The family's inference pipeline around the training modules themselves (no copies)."""
+        return self.pipeline_class(
+            vae=vae,
+            text_encoder=(text_encoders or self.text_encoders)[0],
+            tokenizer=self.tokenizers[0],
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def load_code(self, repo, files_and_tokens):
+        """The lines of the model card's snippet that load the embeddings into ``pipe``."""
+        return "\n".join(
+            f'pipe.load_textual_inversion("{repo}", weight_name="{file}")' for file, _ in files_and_tokens
+        )
+
+
+# Copied from train_palp.SDXLTextConditioner
+class SDXLTextConditioner(TextConditioner):
+    """SDXL: the penultimate hidden states of both CLIP encoders, concatenated, the second encoder's pooled
+    (projected) embedding and ``time_ids``, as ``StableDiffusionXLPipeline.encode_prompt`` builds them. ∅ is zeros
+    when the model says ``force_zeros_for_empty_prompt``. The embedding file is ``{"clip_l": …, "clip_g": …}``."""
+
+    pipeline_class = StableDiffusionXLPipeline
+    tokenizer_folders = ("tokenizer", "tokenizer_2")
+    encoder_folders = ("text_encoder", "text_encoder_2")
+    encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
+    embedding_keys = ("clip_l", "clip_g")
+    load_imports = "from huggingface_hub import hf_hub_download\nfrom safetensors.torch import load_file\n"
+
+    @property
+    def zero_uncond(self):
+        return bool(self.model_index.get("force_zeros_for_empty_prompt", True))
+
+    def encode(self, input_ids, image_geometry=None):
+        hidden = []
+        for encoder, ids in zip(self.text_encoders, input_ids):
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        # The pooled embedding comes from the last encoder, pooled where its config says (end-of-text token, or
+        # the argmax of the ids in old configs): the very forward pass the pipeline runs.
+        pooled = out.text_embeds
+        time_ids = None if image_geometry is None else image_geometry.to(pooled.device, pooled.dtype)
+        alignment_time_ids = self.inference_time_ids(pooled.shape[0], pooled.device).to(pooled.dtype)
+        return Conditioning(torch.cat(hidden, dim=-1), pooled, time_ids, alignment_time_ids)
+
+    def inference_time_ids(self, batch, device):
+        res = self.resolution
+        return torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=device).expand(batch, 6)
+
+    def pipeline(self, vae, unet, scheduler, text_encoders=None):
+        encoders = text_encoders or self.text_encoders
+        return self.pipeline_class(
+            vae=vae,
+            text_encoder=encoders[0],
+            text_encoder_2=encoders[1],
+            tokenizer=self.tokenizers[0],
+            tokenizer_2=self.tokenizers[1],
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=self.zero_uncond,
+            add_watermarker=False,
+        )
+
+    def load_code(self, repo, files_and_tokens):
+        lines = []
+        for file, token in files_and_tokens:
+            lines.append(f'state = load_file(hf_hub_download("{repo}", "{file}"))  # a local folder: load_file(path)')
+            lines.append(
+                f'pipe.load_textual_inversion(state["clip_l"], token="{token}", text_encoder=pipe.text_encoder, '
+                "tokenizer=pipe.tokenizer)"
+            )
+            lines.append(
+                f'pipe.load_textual_inversion(state["clip_g"], token="{token}", text_encoder=pipe.text_encoder_2, '
+                "tokenizer=pipe.tokenizer_2)"
+            )
+        return "\n".join(lines)
+
+
+# Copied from train_palp.TEXT_CONDITIONERS
+TEXT_CONDITIONERS = {"StableDiffusionPipeline": TextConditioner, "StableDiffusionXLPipeline": SDXLTextConditioner}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1022,7 +1257,8 @@ def resize_shorter_side(image, resolution):
 
 # Copied from train_palp.image_to_tensor
 def image_to_tensor(image, resolution, center_crop, random_flip, generator):
-    """Resized (shorter side = resolution) PIL image → cropped, maybe flipped tensor in [-1, 1], shape [3, H, W]."""
+    """Resized (shorter side = resolution) PIL image → cropped, maybe flipped tensor in [-1, 1], shape [3, H, W],
+    and the crop's top-left corner (top, left) in the resized image as it is finally seen (flip included)."""
     width, height = image.size
     if center_crop:
         left, top = (width - resolution) // 2, (height - resolution) // 2
@@ -1032,8 +1268,9 @@ def image_to_tensor(image, resolution, center_crop, random_flip, generator):
     image = image.crop((left, top, left + resolution, top + resolution))
     if random_flip and torch.rand(1, generator=generator).item() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = width - left - resolution
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return torch.from_numpy(array).permute(2, 0, 1), (top, left)
 
 
 # Copied from train_palp.step_generator
@@ -1101,8 +1338,8 @@ def subject_sampler(mode, image_counts, batch_size):
 
 
 # Copied from train_palp.check_model_folder
-def check_model_folder(path):
-    """A local --pretrained_model_name_or_path must look like a diffusers Stable Diffusion folder."""
+def check_model_folder(path, folders=("model_index.json", "unet", "vae", "scheduler")):
+    """A local --pretrained_model_name_or_path must look like a diffusers pipeline folder holding ``folders``."""
     folder = Path(path).expanduser()
     if not folder.exists():
         if path.startswith((".", "/", "~")) or path.count("/") != 1:
@@ -1111,9 +1348,7 @@ def check_model_folder(path):
                 "'stable-diffusion-v1-5/stable-diffusion-v1-5'."
             )
         return  # a Hub id; from_pretrained reports problems with it
-    missing = [
-        name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / name).is_dir()
-    ]
+    missing = [name for name in folders if not (folder / name).exists()]
     if missing:
         raise UserInputError(
             f"--pretrained_model_name_or_path {path!r} is not a Stable Diffusion folder in the diffusers layout "
@@ -1121,32 +1356,81 @@ def check_model_folder(path):
         )
 
 
-# Copied from train_palp.load_tokenizer
-def load_tokenizer(args):
-    check_model_folder(args.pretrained_model_name_or_path)
+# Copied from train_palp.read_model_index
+def read_model_index(args):
+    """model_index.json of --pretrained_model_name_or_path, from the local folder or the Hub."""
+    path = args.pretrained_model_name_or_path
     try:
-        return CLIPTokenizer.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir
-        )
-    except OSError as error:
+        if Path(path).expanduser().is_dir():
+            file = Path(path).expanduser() / "model_index.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            file = hf_hub_download(path, "model_index.json", revision=args.revision, cache_dir=args.cache_dir)
+        return json.loads(Path(file).read_text())
+    except Exception as error:  # network, auth, missing file and bad JSON all end the same way
         raise UserInputError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: could not load its tokenizer "
-            f"({error}). Check the name, your network and `hf auth login`, or give a local folder."
+            f"--pretrained_model_name_or_path {path!r}: could not read its model_index.json ({error}). Check the "
+            "name, your network and `hf auth login`, or give a local folder."
         ) from error
 
 
+# Copied from train_palp.load_text_conditioner
+def load_text_conditioner(args):
+    """The model family of --pretrained_model_name_or_path, picked from its model_index.json, with its tokenizers.
+    Anything but a Stable Diffusion 1.x/2.x or SDXL text-to-image base model fails here, naming what was found."""
+    path = args.pretrained_model_name_or_path
+    check_model_folder(path)
+    model_index = read_model_index(args)
+    found = model_index.get("_class_name")
+    family = TEXT_CONDITIONERS.get(found)
+    if family is None:
+        raise UserInputError(
+            f"--pretrained_model_name_or_path {path!r} is a {found} model; PALP trains text-to-image base models: "
+            f"{' or '.join(TEXT_CONDITIONERS)}. An SDXL refiner, an inpainting model or another pipeline cannot be "
+            "personalized: give the base model (e.g. 'stabilityai/stable-diffusion-xl-base-1.0')."
+        )
+    check_model_folder(path, family.tokenizer_folders + family.encoder_folders)
+    try:
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(path, subfolder=folder, revision=args.revision, cache_dir=args.cache_dir)
+            for folder in family.tokenizer_folders
+        ]
+    except OSError as error:
+        raise UserInputError(
+            f"--pretrained_model_name_or_path {path!r}: could not load its tokenizer ({error}). Check the name, "
+            "your network and `hf auth login`, or give a local folder."
+        ) from error
+    return family(tokenizers, model_index)
+
+
 # Copied from train_palp.load_models
-def load_models(args):
-    """Text encoder, VAE, UNet and the training noise schedule; all frozen."""
+def load_models(args, conditioner):
+    """Text encoders (into the conditioner), VAE, UNet and the training noise schedule; all frozen."""
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
     path = args.pretrained_model_name_or_path
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
+    conditioner.load_text_encoders(path, variant=args.variant, **common)
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
-    for model in (text_encoder, vae, unet):
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise UserInputError(
+            f"--pretrained_model_name_or_path {path!r}: its UNet takes {unet.config.in_channels} input channels, "
+            f"its VAE gives {vae.config.latent_channels} (an inpainting or image-conditioned UNet?). PALP trains "
+            "text-to-image base models: give one."
+        )
+    for model in (vae, unet):
         model.requires_grad_(False)
-    return text_encoder, vae, unet, noise_scheduler
+    return vae, unet, noise_scheduler
+
+
+# Copied from train_palp.native_resolution
+def native_resolution(unet, vae):
+    """The size the model was trained at: UNet sample_size × VAE scale factor (512, 768 or 1024)."""
+    return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 # Copied from train_palp.add_lora
@@ -1200,11 +1484,11 @@ def lora_state_dict(unet):
 
 
 # Copied from train_palp.save_lora
-def save_lora(output_dir, unet, lora_config, kohya=True):
+def save_lora(output_dir, unet, lora_config, kohya=True, pipeline_class=StableDiffusionPipeline):
     """``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` and, optionally, a kohya/WebUI copy."""
     peft_state = lora_state_dict(unet)
     metadata = {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "target_modules": LORA_TARGET_MODULES}
-    StableDiffusionPipeline.save_lora_weights(
+    pipeline_class.save_lora_weights(
         output_dir,
         unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
         weight_name=LORA_NAME,
@@ -1240,22 +1524,22 @@ def embedding_file_name(token, single=True):
 
 
 # Copied from train_palp.save_embeddings
-def save_embeddings(output_dir, tokens, embedding):
-    """One safetensors file per token, ``{token: [1, dim]}``: the form ``pipe.load_textual_inversion`` loads."""
+def save_embeddings(output_dir, tokens, conditioner):
+    """One safetensors file per token in the family's format: ``{token: [1, dim]}`` (SD 1.x/2.x), or
+    ``{"clip_l": [1, 768], "clip_g": [1, 1280]}`` (SDXL), the forms ``pipe.load_textual_inversion`` loads."""
     paths = []
     for index, token in enumerate(tokens):
         path = os.path.join(output_dir, embedding_file_name(token, single=len(tokens) == 1))
-        save_file({token: embedding.rows[index : index + 1].detach().float().cpu().contiguous()}, path)
+        save_file(conditioner.embedding_state(index, token), path)
         paths.append(path)
     return paths
 
 
 # Copied from train_palp.load_embeddings
-def load_embeddings(folder, tokens, embedding):
-    with torch.no_grad():
-        for index, token in enumerate(tokens):
-            state = load_file(os.path.join(folder, embedding_file_name(token, single=len(tokens) == 1)))
-            embedding.rows[index].copy_(state[token][0].to(embedding.rows.dtype))
+def load_embeddings(folder, tokens, conditioner):
+    for index, token in enumerate(tokens):
+        state = load_file(os.path.join(folder, embedding_file_name(token, single=len(tokens) == 1)))
+        conditioner.load_embedding_state(index, token, state)
 
 
 # Copied from train_palp.save_optimizer
@@ -1303,7 +1587,7 @@ def list_checkpoints(output_dir):
 
 # Copied from train_palp.save_checkpoint
 def save_checkpoint(
-    output_dir, step, unet, lora_config, tokens, embedding, optimizer, lr_scheduler, scaler, seed, total_limit=None
+    output_dir, step, unet, lora_config, tokens, conditioner, optimizer, lr_scheduler, scaler, seed, total_limit=None
 ):
     """Write ``checkpoint-<step>`` atomically: into a temporary folder, renamed when complete."""
     existing = list_checkpoints(output_dir)
@@ -1314,8 +1598,8 @@ def save_checkpoint(
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_lora(tmp, unet, lora_config, kohya=False)
-    save_embeddings(tmp, tokens, embedding)
+    save_lora(tmp, unet, lora_config, kohya=False, pipeline_class=conditioner.pipeline_class)
+    save_embeddings(tmp, tokens, conditioner)
     state = {
         "global_step": step,
         "seed": seed,
@@ -1353,14 +1637,14 @@ def read_checkpoint_state(path):
 
 
 # Copied from train_palp.load_checkpoint
-def load_checkpoint(path, unet, tokens, embedding, optimizer, lr_scheduler, scaler):
+def load_checkpoint(path, unet, tokens, conditioner, optimizer, lr_scheduler, scaler):
     """Restore LoRA, token rows, optimizer, schedule and step; return the saved state (step, seed)."""
     state = read_checkpoint_state(path)
     try:
         if state["placeholder_tokens"] != list(tokens):
             raise ValueError(f"it was trained for tokens {state['placeholder_tokens']}, not {list(tokens)}")
         load_lora(unet, path)
-        load_embeddings(path, tokens, embedding)
+        load_embeddings(path, tokens, conditioner)
         load_optimizer(path, optimizer, state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if scaler is not None and state.get("grad_scaler"):
@@ -1380,11 +1664,7 @@ def load_checkpoint(path, unet, tokens, embedding, optimizer, lr_scheduler, scal
 
 # Copied from train_palp.generate_images
 def generate_images(
-    unet,
-    vae,
-    text_encoder,
-    tokenizer,
-    noise_scheduler,
+    pipeline,
     prompt,
     num_images,
     resolution,
@@ -1394,17 +1674,7 @@ def generate_images(
     device,
     autocast,
 ):
-    """Sample with the training modules themselves (no copy, no dtype cast of shared weights)."""
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    """Sample with a pipeline around the training modules themselves (no copy, no dtype cast of shared weights)."""
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=device).manual_seed(seed)
     images = []
@@ -1450,19 +1720,20 @@ def public_config(args, **resolved):
     return config
 
 
-def model_card(config, image_paths, output_dir):
-    """README.md for the output folder / Hub repo: every token with its class, image count and y_P."""
+def model_card(config, image_paths, output_dir, conditioner):
+    """README.md for the output folder / Hub repo: every token with its class, image count and y_P; its snippet
+    loads every embedding into the model family's pipeline."""
     subjects = config["subjects"]
+    repo = "path/or/repo-of-this-folder"
+    pipeline_name = conditioner.pipeline_class.__name__
     single = len(subjects) == 1
     rows = "\n".join(
         f"| `{s['placeholder_token']}` | {s['class_name']} | {s['num_images']} | `{s['personalization_prompt']}` | "
         f"`{embedding_file_name(s['placeholder_token'], single)}` |"
         for s in subjects
     )
-    loads = "\n".join(
-        f'pipe.load_textual_inversion("path/or/repo-of-this-folder", '
-        f'weight_name="{embedding_file_name(s["placeholder_token"], single)}")'
-        for s in subjects
+    loads = conditioner.load_code(
+        repo, [(embedding_file_name(s["placeholder_token"], single), s["placeholder_token"]) for s in subjects]
     )
     images = "\n".join(f"![sample]({os.path.relpath(p, output_dir)})" for p in image_paths)
     settings = "\n".join(
@@ -1523,10 +1794,10 @@ Personalization, Arar et al., 2024) on `{config["pretrained_model_name_or_path"]
 
 ```python
 import torch
-from diffusers import StableDiffusionPipeline
-
-pipe = StableDiffusionPipeline.from_pretrained("{config["pretrained_model_name_or_path"]}", torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("path/or/repo-of-this-folder")
+from diffusers import {pipeline_name}
+{conditioner.load_imports}
+pipe = {pipeline_name}.from_pretrained("{config["pretrained_model_name_or_path"]}", torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("{repo}")
 {loads}
 image = pipe("{config["target_prompt"]}").images[0]
 ```
@@ -1628,11 +1899,14 @@ def resolve_seed(args, checkpoint_state):
 
 # Copied from train_palp.LatentSampler
 class LatentSampler:
-    """VAE latents of the subject images. With a deterministic crop (``--center_crop`` without ``--random_flip``)
-    each image's posterior is computed once and only its sample is drawn per step."""
+    """VAE latents of the subject images and their geometry [B, 6]: original (height, width), crop (top, left) and
+    target size, the micro-conditioning SDXL trains with. With a deterministic crop (``--center_crop`` without
+    ``--random_flip``) each image's posterior is computed once and only its sample is drawn per step. The VAE runs
+    in its own dtype (fp32 when it must be upcast); the latents come out in the training dtype."""
 
     def __init__(self, vae, images, resolution, center_crop, random_flip, device, dtype):
         self.vae, self.device, self.dtype = vae, device, dtype
+        self.original_sizes = [(image.height, image.width) for image in images]
         self.images = [resize_shorter_side(image, resolution) for image in images]
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.cache = {} if center_crop and not random_flip else None
@@ -1640,18 +1914,21 @@ class LatentSampler:
     def posterior(self, index, generator):
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        pixels = image_to_tensor(self.images[index], self.resolution, self.center_crop, self.random_flip, generator)
+        pixels, crop = image_to_tensor(
+            self.images[index], self.resolution, self.center_crop, self.random_flip, generator
+        )
         with torch.no_grad():
-            dist = self.vae.encode(pixels[None].to(self.device, dtype=self.dtype)).latent_dist
-        entry = (dist.mean.float(), dist.std.float())
+            dist = self.vae.encode(pixels[None].to(self.device, dtype=self.vae.dtype)).latent_dist
+        geometry = torch.tensor([[*self.original_sizes[index], *crop, self.resolution, self.resolution]])
+        entry = (dist.mean.float(), dist.std.float(), geometry.float())
         if self.cache is not None:
             self.cache[index] = entry
         return entry
 
     def __call__(self, indices, generator):
-        mean, std = (torch.cat(parts) for parts in zip(*(self.posterior(i, generator) for i in indices)))
+        mean, std, geometry = (torch.cat(parts) for parts in zip(*(self.posterior(i, generator) for i in indices)))
         sample = mean + std * torch.randn(mean.shape, generator=generator).to(self.device)
-        return (sample * self.vae.config.scaling_factor).to(self.dtype)
+        return (sample * self.vae.config.scaling_factor).to(self.dtype), geometry
 
 
 # Copied from train_palp.stop_requested
@@ -1664,22 +1941,27 @@ def stop_requested(accelerator, stop):
 
 
 # Copied from train_palp.prepare_models
-def prepare_models(args, accelerator, tokenizer, tokens, class_names):
-    """Frozen models in the training dtype, the placeholder rows and the LoRA in fp32."""
+def prepare_models(args, accelerator, conditioner, tokens, class_names):
+    """Frozen models in the training dtype, the placeholder rows and the LoRA in fp32; the resolution resolved."""
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    text_encoder, vae, unet, noise_scheduler = load_models(args)
-    _, embedding = add_placeholder_tokens(tokenizer, text_encoder, tokens, class_names)
-    for model in (vae, text_encoder, unet):
+    vae, unet, noise_scheduler = load_models(args, conditioner)
+    conditioner.add_placeholder_tokens(tokens, class_names)
+    # The SDXL VAE overflows in fp16: a VAE stays in fp32 unless its config says it need not (force_upcast false,
+    # as in an fp16-safe VAE given with --pretrained_vae_model_name_or_path).
+    vae.to(accelerator.device, dtype=torch.float32 if vae.config.force_upcast else weight_dtype)
+    for model in (unet, *conditioner.text_encoders):
         model.to(accelerator.device, dtype=weight_dtype)
     lora_config = add_lora(unet, args.rank, args.lora_alpha or args.rank, args.lora_dropout)
     # Mixed precision computes in fp16/bf16, but what trains (LoRA, the token rows) is stored in fp32.
-    cast_training_params([unet, text_encoder], dtype=torch.float32)
+    cast_training_params([unet, *conditioner.text_encoders], dtype=torch.float32)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for encoder in conditioner.text_encoders:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
-    return text_encoder, vae, unet, noise_scheduler, embedding, lora_config, weight_dtype
+    conditioner.resolution = args.resolution or native_resolution(unet, vae)
+    return vae, unet, noise_scheduler, lora_config, weight_dtype
 
 
 # Copied from train_palp.TrainingRun
@@ -1691,20 +1973,18 @@ class TrainingRun:
     args: argparse.Namespace
     seed: int
     tokens: list
-    tokenizer: CLIPTokenizer
-    text_encoder: torch.nn.Module  # as prepared by accelerate (maybe distributed)
+    conditioner: TextConditioner  # tokenizers, text encoders as prepared by accelerate, placeholder rows
     unet: torch.nn.Module  # as prepared by accelerate (maybe distributed)
     vae: AutoencoderKL
     noise_scheduler: DDPMScheduler
-    embedding: PlaceholderEmbedding
     lora_config: LoraConfig
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     weight_dtype: torch.dtype
     alignment: AlignmentConfig
-    cond_clean: torch.Tensor  # y_c, encoded once: it holds no learned token
-    uncond: torch.Tensor  # ∅, encoded once
-    sample_batch: object  # (micro_step, generator) -> (latents, y_P token ids) of this rank's micro-batch
+    cond_clean: Conditioning  # y_c, encoded once: it holds no learned token
+    uncond: Conditioning  # ∅, encoded once
+    sample_batch: object  # (micro_step, generator) -> (latents, image geometry, y_P token ids) of a micro-batch
     validation_prompt: str
     config: dict
     global_step: int = 0
@@ -1715,13 +1995,22 @@ class TrainingRun:
         return self.accelerator.unwrap_model(self.unet)
 
     @property
-    def base_text_encoder(self):
-        return self.accelerator.unwrap_model(self.text_encoder)
+    def base_text_encoders(self):
+        return [self.accelerator.unwrap_model(encoder) for encoder in self.conditioner.text_encoders]
+
+    @property
+    def embedding(self):
+        """The first text encoder's placeholder rows (SDXL has a second one in ``conditioner.embeddings``)."""
+        return self.conditioner.embeddings[0]
+
+    @property
+    def resolution(self):
+        return self.conditioner.resolution
 
     @functools.cached_property
     def trainable(self):
         """The LoRA parameters and the token rows; collected once, not on every step's gradient clipping."""
-        return [p for p in self.base_unet.parameters() if p.requires_grad] + [self.embedding.rows]
+        return [p for p in self.base_unet.parameters() if p.requires_grad] + self.conditioner.trainable_rows
 
     @functools.cached_property
     def alphas_cumprod(self):
@@ -1740,12 +2029,12 @@ def training_step(run, micro_step):
     """One micro-batch: draw it, compute L_pers + λ·L_align, back-propagate once, step when accumulation is done."""
     accelerator, scheduler = run.accelerator, run.noise_scheduler
     device = accelerator.device
-    with accelerator.accumulate(run.unet, run.text_encoder):
+    with accelerator.accumulate(run.unet, *run.conditioner.text_encoders):
         generator = step_generator(run.seed, accelerator.process_index, micro_step)
-        latents, personal_ids = run.sample_batch(micro_step, generator)
+        latents, geometry, personal_ids = run.sample_batch(micro_step, generator)
         noise, t1, t2, noise2 = sample_step_noise(latents.shape, run.t_bounds, run.alignment, generator)
         with accelerator.autocast():
-            cond_personal = encode_prompts(run.text_encoder, personal_ids.to(device))
+            cond_personal = run.conditioner.encode(tuple(ids.to(device) for ids in personal_ids), geometry)
             loss_pers, loss_align = palp_losses(
                 run.unet,
                 run.base_unet,
@@ -1810,7 +2099,7 @@ def train_loop(run):
                     run.base_unet,
                     run.lora_config,
                     run.tokens,
-                    run.embedding,
+                    run.conditioner,
                     run.optimizer,
                     run.lr_scheduler,
                     accelerator.scaler,
@@ -1840,15 +2129,12 @@ def train_loop(run):
 def validate(run, name):
     args = run.args
     run.base_unet.eval()
+    scheduler = DPMSolverMultistepScheduler.from_config(run.noise_scheduler.config)
     images = generate_images(
-        run.base_unet,
-        run.vae,
-        run.base_text_encoder,
-        run.tokenizer,
-        run.noise_scheduler,
+        run.conditioner.pipeline(run.vae, run.base_unet, scheduler, run.base_text_encoders),
         run.validation_prompt,
         args.num_validation_images,
-        args.resolution,
+        run.resolution,
         args.validation_guidance_scale,
         args.validation_num_inference_steps,
         run.seed,
@@ -1863,33 +2149,27 @@ def validate(run, name):
 def save_outputs(run):
     """Final files: embeddings, LoRA (diffusers + kohya), samples, config, and the model card last."""
     args = run.args
-    save_embeddings(args.output_dir, run.tokens, run.embedding)
-    save_lora(args.output_dir, run.base_unet, run.lora_config)
+    save_embeddings(args.output_dir, run.tokens, run.conditioner)
+    save_lora(args.output_dir, run.base_unet, run.lora_config, pipeline_class=run.conditioner.pipeline_class)
     image_paths = validate(run, "final") if args.num_validation_images > 0 else []
     Path(args.output_dir, CONFIG_NAME).write_text(json.dumps(run.config, indent=2, default=str))
-    Path(args.output_dir, "README.md").write_text(model_card(run.config, image_paths, args.output_dir))
+    Path(args.output_dir, "README.md").write_text(
+        model_card(run.config, image_paths, args.output_dir, run.conditioner)
+    )
     logger.info(f"Saved the LoRA and the embedding to {args.output_dir}")
     if args.push_to_hub:
         push_to_hub(args.output_dir, run.hub_repo_id, args.hub_token)
         logger.info(f"Uploaded to https://huggingface.co/{run.hub_repo_id}")
 
 
-# Copied from train_palp.encode_fixed_prompts
-def encode_fixed_prompts(text_encoder, tokenizer, clean_prompt, device, dtype):
-    """y_c and ∅ never change during training (no learned token in them): encode them once."""
-    with torch.no_grad():
-        fixed = encode_prompts(text_encoder, tokenize(tokenizer, [clean_prompt, ""]).to(device)).to(dtype)
-    return fixed[:1], fixed[1:]
-
-
 # Copied from train_palp.build_run
 def build_run(
-    args, accelerator, tokenizer, tokens, class_names, images, clean_prompt, config, draw_indices, batch_prompts
+    args, accelerator, conditioner, tokens, class_names, images, clean_prompt, config, draw_indices, batch_prompts
 ):
     """Models, optimizer, schedule and data for ``train_loop``; resumes from a checkpoint when asked.
 
     ``draw_indices(micro_step, seed, rank, world_size)`` picks the images of a rank's micro-batch and
-    ``batch_prompts(indices)`` gives their y_P token ids.
+    ``batch_prompts(indices)`` gives their y_P prompts.
     """
     resume_path = (
         resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
@@ -1904,11 +2184,11 @@ def build_run(
         if args.push_to_hub:
             hub_repo_id = create_hub_repo(args)
 
-    text_encoder, vae, unet, noise_scheduler, embedding, lora_config, weight_dtype = prepare_models(
-        args, accelerator, tokenizer, tokens, class_names
+    vae, unet, noise_scheduler, lora_config, weight_dtype = prepare_models(
+        args, accelerator, conditioner, tokens, class_names
     )
     lora_params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = build_optimizer(args, lora_params, [embedding.rows], accelerator.num_processes)
+    optimizer = build_optimizer(args, lora_params, conditioner.trainable_rows, accelerator.num_processes)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -1917,29 +2197,28 @@ def build_run(
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
-    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-    cond_clean, uncond = encode_fixed_prompts(
-        accelerator.unwrap_model(text_encoder), tokenizer, clean_prompt, accelerator.device, weight_dtype
+    unet, *text_encoders, optimizer, lr_scheduler = accelerator.prepare(
+        unet, *conditioner.text_encoders, optimizer, lr_scheduler
     )
+    conditioner.text_encoders = text_encoders
+    cond_clean, uncond = conditioner.encode_fixed(clean_prompt, accelerator.device, weight_dtype)
     latents_of = LatentSampler(
-        vae, images, args.resolution, args.center_crop, args.random_flip, accelerator.device, weight_dtype
+        vae, images, conditioner.resolution, args.center_crop, args.random_flip, accelerator.device, weight_dtype
     )
 
     def sample_batch(micro_step, generator):
         indices = draw_indices(micro_step, seed, accelerator.process_index, accelerator.num_processes)
-        return latents_of(indices, generator), batch_prompts(indices)
+        return (*latents_of(indices, generator), conditioner.tokenize(batch_prompts(indices)))
 
     run = TrainingRun(
         accelerator=accelerator,
         args=args,
         seed=seed,
         tokens=list(tokens),
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
+        conditioner=conditioner,
         unet=unet,
         vae=vae,
         noise_scheduler=noise_scheduler,
-        embedding=embedding,
         lora_config=lora_config,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
@@ -1949,12 +2228,12 @@ def build_run(
         uncond=uncond,
         sample_batch=sample_batch,
         validation_prompt=config["validation_prompt_resolved"],
-        config={**config, "seed": seed},
+        config={**config, "seed": seed, "resolution": conditioner.resolution},
         hub_repo_id=hub_repo_id,
     )
     if resume_path is not None:
         state = load_checkpoint(
-            resume_path, run.base_unet, run.tokens, embedding, optimizer, lr_scheduler, accelerator.scaler
+            resume_path, run.base_unet, run.tokens, conditioner, optimizer, lr_scheduler, accelerator.scaler
         )
         run.global_step = state["global_step"]
         logger.info(f"Resumed from {resume_path} at step {run.global_step}")
@@ -1973,7 +2252,7 @@ def main(args):
     ]
     image_counts = [len(images) for images in subject_images]
     images = [image for group in subject_images for image in group]
-    tokenizer = load_tokenizer(args)
+    conditioner = load_text_conditioner(args)
     tokens = [subject.placeholder_token for subject in subjects]
     prompts = [subject.prompt for subject in subjects]
     config = public_config(
@@ -1991,19 +2270,20 @@ def main(args):
         clean_prompt_resolved=args.clean_prompt,
         validation_prompt_resolved=args.validation_prompt or args.target_prompt,
         lora_alpha=args.lora_alpha or args.rank,
+        pipeline_class=conditioner.pipeline_class.__name__,
     )
 
     run = build_run(
         args,
         accelerator,
-        tokenizer,
+        conditioner,
         tokens,
         [subject.class_name for subject in subjects],
         images,
         args.clean_prompt,
         config,
         draw_indices=subject_sampler(args.subject_sampling, image_counts, args.train_batch_size),
-        batch_prompts=personalization_batch(tokenizer, image_counts, prompts),
+        batch_prompts=personalization_batch(image_counts, prompts),
     )
     if accelerator.is_main_process:
         accelerator.init_trackers(

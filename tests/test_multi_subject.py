@@ -114,7 +114,7 @@ def test_each_image_of_a_batch_gets_its_own_subjects_prompt():
     tokenizer = build_tiny_clip_tokenizer()
     tokenizer.add_tokens([CAT, ART])
     cat_id, art_id = tokenizer.convert_tokens_to_ids([CAT, ART])
-    ids = tpm.personalization_batch(tokenizer, counts, [CAT_PROMPT, ART_PROMPT])([3, 0, 1, 3])
+    ids = tpm.tokenize(tokenizer, tpm.personalization_batch(counts, [CAT_PROMPT, ART_PROMPT])([3, 0, 1, 3]))
     assert ids.shape == (4, 77)
     own = [art_id, cat_id, cat_id, art_id]
     for row, token_id in zip(ids.tolist(), own):
