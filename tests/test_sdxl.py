@@ -250,3 +250,32 @@ def test_accelerate_launch_sdxl_outputs_load_into_a_fresh_pipeline(tiny_sdxl_pat
     image = generate(pipe, TARGET)
     assert image.shape == (1, 32, 32, 3)
     assert abs(image - base_image).max() > 1e-3
+
+
+def test_multi_subject_script_on_sdxl_writes_one_loadable_file_per_token(tiny_sdxl_path, tmp_path):
+    import train_palp_multi_subject as tpm
+    from test_multi_subject import ART, CAT, common_flags, subject_flags
+
+    cat = write_instance_images(tmp_path / "cat", n=2)
+    art = write_instance_images(tmp_path / "art", n=1, seed=7)
+    out = tmp_path / "out"
+    flags = [*subject_flags(str(cat), str(art)), *common_flags(tiny_sdxl_path, out), "--max_train_steps", "2"]
+    run = tpm.main(tpm.parse_args(flags))
+    assert isinstance(run.conditioner, tpm.SDXLTextConditioner)
+    card = (out / "README.md").read_text()
+    assert "StableDiffusionXLPipeline.from_pretrained" in card
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    for index, token in enumerate((CAT, ART)):
+        name = tpm.embedding_file_name(token, single=False)
+        assert f'"{name}"' in card and f'token="{token}", text_encoder=pipe.text_encoder_2' in card
+        state = load_file(out / name)
+        assert state["clip_l"].shape == (1, 16) and state["clip_g"].shape == (1, 32)
+        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(
+            state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+        )
+        for encoder, tokenizer, key in ((pipe.text_encoder, pipe.tokenizer, "clip_l"),
+                                        (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g")):  # fmt: skip
+            row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)]
+            torch.testing.assert_close(row, state[key][0])
+            torch.testing.assert_close(run.conditioner.embeddings[("clip_l", "clip_g").index(key)].rows[index], row)
