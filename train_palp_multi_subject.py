@@ -1530,7 +1530,8 @@ def save_embeddings(output_dir, tokens, conditioner):
     paths = []
     for index, token in enumerate(tokens):
         path = os.path.join(output_dir, embedding_file_name(token, single=len(tokens) == 1))
-        save_file(conditioner.embedding_state(index, token), path)
+        # The token goes into the metadata too: SDXL's {"clip_l", "clip_g"} keys do not name it.
+        save_file(conditioner.embedding_state(index, token), path, metadata={"placeholder_token": token})
         paths.append(path)
     return paths
 

@@ -106,7 +106,7 @@ def parse_args(input_args=None):
         "--resolution",
         type=int,
         default=None,
-        help="Height and width of the images; default: the base model's (512 for SD 1.x).",
+        help="Height and width of the images; default: the base model's (512 for SD 1.x, 1024 for SDXL).",
     )
     parser.add_argument(
         "--batch_size",
@@ -158,18 +158,43 @@ def find_trained_weights(trained_dir, lora_weight_name, extra_embeddings):
     return lora_path, embedding_paths
 
 
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+
+
 def read_embedding_token(path):
-    """The placeholder token stored in an embedding file, read without loading any model (safetensors only: a
-    pickled .bin from elsewhere is never unpickled)."""
+    """The placeholder token of an embedding file, read without loading any model (safetensors only: a pickled .bin
+    from elsewhere is never unpickled). SD 1.x/2.x files hold one key, the token; SDXL files hold one row per text
+    encoder (``clip_l``, ``clip_g``) and name the token in their metadata, or else by their file name (WebUI)."""
     from safetensors import safe_open
 
     if not str(path).endswith(".safetensors"):
         raise ValueError(f"Embedding file {path} is not a .safetensors file; only safetensors embeddings are loaded.")
     with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
+        keys, metadata = list(f.keys()), f.metadata() or {}
+    if sorted(keys) == sorted(SDXL_EMBEDDING_KEYS):
+        return metadata.get("placeholder_token") or Path(path).stem
     if len(keys) != 1:
-        raise ValueError(f"Embedding file {path} should hold exactly one key (the token), found {keys}.")
+        raise ValueError(
+            f"Embedding file {path} should hold one key (the token) or {list(SDXL_EMBEDDING_KEYS)}, found {keys}."
+        )
     return keys[0]
+
+
+def load_embedding(pipe, path):
+    """``pipe.load_textual_inversion`` once (SD 1.x/2.x), or once per text encoder for an SDXL file."""
+    from safetensors.torch import load_file
+
+    token = read_embedding_token(path)
+    state = load_file(str(path))
+    if set(state) != set(SDXL_EMBEDDING_KEYS):
+        pipe.load_textual_inversion(str(path))
+        return
+    if getattr(pipe, "text_encoder_2", None) is None:
+        raise ValueError(f"Embedding file {path} is an SDXL embedding; use it with an SDXL base model.")
+    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(
+        state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
 
 
 def fill_from_training_config(args):
@@ -253,18 +278,24 @@ def load_pipeline(
     variant=None,
     safety_checker=True,
 ):
-    """Base model + the PALP LoRA (adapter "palp") + every learned token. ``safety_checker=False`` drops the checker
-    (evaluation does: a blacked-out image would be scored as if the model had drawn it)."""
-    from diffusers import StableDiffusionPipeline
+    """Base model (Stable Diffusion 1.x/2.x or SDXL, as its model_index.json says) + the PALP LoRA (adapter "palp")
+    + every learned token. ``safety_checker=False`` drops the checker of SD 1.x/2.x (evaluation does: a blacked-out
+    image would be scored as if the model had drawn it); SDXL pipelines have none."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = StableDiffusionPipeline.from_pretrained(
+    config = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision)
+    if config.get("_class_name") == "StableDiffusionXLPipeline":
+        pipeline_class, extra = StableDiffusionXLPipeline, {}
+    else:
+        pipeline_class = StableDiffusionPipeline
+        extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = pipeline_class.from_pretrained(
         pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype, **extra
     )
     if lora_path is not None:
         pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name="palp")
     for path in embedding_paths:
-        pipe.load_textual_inversion(str(path))
+        load_embedding(pipe, path)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

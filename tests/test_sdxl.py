@@ -279,3 +279,22 @@ def test_multi_subject_script_on_sdxl_writes_one_loadable_file_per_token(tiny_sd
             row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)]
             torch.testing.assert_close(row, state[key][0])
             torch.testing.assert_close(run.conditioner.embeddings[("clip_l", "clip_g").index(key)].rows[index], row)
+
+
+def test_sample_palp_loads_an_sdxl_run(trained, tiny_sdxl_path, tmp_path):
+    from conftest import load_example
+
+    sample_palp = load_example("sample_palp")
+    run, out = trained
+    assert sample_palp.read_embedding_token(out / "learned_embeds.safetensors") == TOKEN
+    args = ["--trained_dir", str(out), "--output_dir", str(tmp_path / "samples"), "--resolution", "32",
+            "--num_inference_steps", "2", "--device", "cpu", "--seeds", "0"]  # fmt: skip
+    rows = sample_palp.main(sample_palp.parse_args(args))
+    assert rows[0][0].size == (32, 32)
+    pipe = sample_palp.load_pipeline(tiny_sdxl_path, None, [out / "learned_embeds.safetensors"], "cpu", torch.float32)
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    state = load_file(out / "learned_embeds.safetensors")
+    for encoder, tokenizer, key in ((pipe.text_encoder, pipe.tokenizer, "clip_l"),
+                                    (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g")):  # fmt: skip
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(TOKEN)]
+        torch.testing.assert_close(row, state[key][0])
