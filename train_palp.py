@@ -877,8 +877,12 @@ class TextConditioner:
     def encode_fixed(self, clean_prompt, device, dtype):
         """y_c and ∅, encoded once (no learned token in them), batch dimension 1, with the time_ids of inference.
         ∅ is what the pipeline uses at inference without a negative prompt."""
+        return self.encode_fixed_ids(self.tokenize([clean_prompt, ""]), device, dtype)
+
+    def encode_fixed_ids(self, input_ids, device, dtype):
+        """:meth:`encode_fixed` from the token ids of [y_c, ∅], one [2, 77] tensor per tokenizer."""
         with torch.no_grad():
-            fixed = self.encode(tuple(i.to(device) for i in self.tokenize([clean_prompt, ""]))).to(dtype)
+            fixed = self.encode(tuple(i.to(device) for i in input_ids)).to(dtype)
         fixed.time_ids = fixed.alignment_time_ids
         cond_clean, uncond = fixed._map(lambda v: v[:1]), fixed._map(lambda v: v[1:])
         if self.zero_uncond:

@@ -62,7 +62,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -149,7 +149,61 @@ TINY_TEXT_CONFIG = dict(
     eos_token_id=1,
     pad_token_id=1,
 )
-LATENT_SCALE_FACTOR = 8  # SD's VAE: 512 px images are 64×64 latents
+# SDXL base: its UNet and its two text encoders, CLIP ViT-L (as SD 1.5's) and OpenCLIP ViT-bigG with projection.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_TEXT_CONFIG_2 = dict(
+    SD15_TEXT_CONFIG,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
+# The test suite's tiny SDXL layout: two encoders of different widths, text_time added conditioning.
+TINY_SDXL_UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(16, 32),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 24,
+    cross_attention_dim=16 + 32,
+    norm_num_groups=8,
+)
+TINY_SDXL_TEXT_CONFIGS = (
+    dict(TINY_TEXT_CONFIG, hidden_size=16),
+    dict(TINY_TEXT_CONFIG, hidden_size=32, projection_dim=24),
+)
+# model -> (text conditioner of the family, UNet config, one text config per encoder)
+ARCHITECTURES = {
+    "tiny": (tp.TextConditioner, TINY_UNET_CONFIG, (TINY_TEXT_CONFIG,)),
+    "sd15": (tp.TextConditioner, SD15_UNET_CONFIG, (SD15_TEXT_CONFIG,)),
+    "tiny_sdxl": (tp.SDXLTextConditioner, TINY_SDXL_UNET_CONFIG, TINY_SDXL_TEXT_CONFIGS),
+    "sdxl": (tp.SDXLTextConditioner, SDXL_UNET_CONFIG, (SD15_TEXT_CONFIG, SDXL_TEXT_CONFIG_2)),
+}
+LATENT_SCALE_FACTOR = 8  # SD's and SDXL's VAE: 512 px images are 64×64 latents
 
 
 def parse_args(input_args=None):
@@ -162,9 +216,10 @@ def parse_args(input_args=None):
         "--model",
         type=str,
         default="tiny",
-        choices=["tiny", "sd15"],
-        help="'sd15': Stable Diffusion 1.5's UNet and CLIP text encoder architecture with random weights; "
-        "'tiny': the test suite's tiny layout (seconds, for smoke runs).",
+        choices=["tiny", "sd15", "tiny_sdxl", "sdxl"],
+        help="'sd15': Stable Diffusion 1.5's UNet and CLIP text encoder architecture with random weights; 'sdxl': "
+        "SDXL base's UNet and both text encoders (CLIP ViT-L and OpenCLIP ViT-bigG), random weights, about 14 GB "
+        "in fp32; 'tiny' / 'tiny_sdxl': the test suite's tiny layouts (seconds, for smoke runs).",
     )
     parser.add_argument(
         "--device",
@@ -294,12 +349,16 @@ def selected_variants(names):
 @dataclass
 class Models:
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    embedding: tp.PlaceholderEmbedding
+    conditioner: tp.TextConditioner  # the family's text encoders, each with its placeholder row
     lora_config: object
     noise_scheduler: DDPMScheduler
     frozen_copy: torch.nn.Module  # the pre-trained UNet as a separate fp32 copy, for 'before_frozen_copy' only
-    prompt_ids: dict  # token ids of y_P, y_c and ∅, [1, 77] each
+    prompt_ids: dict  # token ids of y_P, y_c and ∅: one [1, 77] tensor per text encoder each
+
+
+def fixed_prompt_ids(models):
+    """The token ids of [y_c, ∅], one [2, 77] tensor per text encoder."""
+    return tuple(torch.cat(pair) for pair in zip(models.prompt_ids["clean"], models.prompt_ids["empty"]))
 
 
 def prompt_token_ids(word_ids, bos, eos, pad, length=77):
@@ -313,58 +372,64 @@ def build_models(model, rank, device, weight_dtype, seed, with_frozen_copy):
     No tokenizer is needed: prompts are fixed token ids of the right length (77, the cost does not depend on the
     words): y_P = "a photo of [V]", y_c = "a sketch of a cat in paris", ∅ = "".
     """
-    if model == "sd15":
-        unet_config, text_config = SD15_UNET_CONFIG, SD15_TEXT_CONFIG
-    else:
-        unet_config, text_config = TINY_UNET_CONFIG, TINY_TEXT_CONFIG
+    family, unet_config, text_configs = ARCHITECTURES[model]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoders = [
+        encoder_class(CLIPTextConfig(**config)) for encoder_class, config in zip(family.encoder_classes, text_configs)
+    ]
     noise_scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     )
-    for module in (unet, text_encoder):
+    for module in (unet, *text_encoders):
         module.requires_grad_(False)
 
-    # The placeholder token [V]: one new row, initialised from the class word, as add_placeholder_tokens does.
+    # The placeholder token [V]: one new row per encoder, initialised from the class word, as add_placeholder_tokens.
+    text_config = text_configs[0]
     vocab_size = text_config["vocab_size"]
     placeholder_id, class_id = vocab_size, 400
-    text_encoder.resize_token_embeddings(vocab_size + 1, mean_resizing=False)
-    base = text_encoder.get_input_embeddings()
-    init_rows = base.weight.data[[class_id]].float()
-    with torch.no_grad():
-        base.weight[placeholder_id] = init_rows[0]
-    base.requires_grad_(False)
-    embedding = tp.PlaceholderEmbedding(base, [placeholder_id], init_rows)
-    text_encoder.set_input_embeddings(embedding)
+    conditioner = family(tokenizers=[None] * len(text_encoders))
+    conditioner.text_encoders = text_encoders
+    for text_encoder in text_encoders:
+        text_encoder.resize_token_embeddings(vocab_size + 1, mean_resizing=False)
+        base = text_encoder.get_input_embeddings()
+        init_rows = base.weight.data[[class_id]].float()
+        with torch.no_grad():
+            base.weight[placeholder_id] = init_rows[0]
+        base.requires_grad_(False)
+        conditioner.embeddings.append(tp.PlaceholderEmbedding(base, [placeholder_id], init_rows))
+        text_encoder.set_input_embeddings(conditioner.embeddings[-1])
 
     words = {name: 300 + index for index, name in enumerate("a photo of sketch in paris".split())}
     special = (text_config["bos_token_id"], text_config["eos_token_id"], text_config["pad_token_id"])
-    prompt_ids = {
+    ids = {
         "personal": prompt_token_ids([words["a"], words["photo"], words["of"], placeholder_id], *special),
         "clean": prompt_token_ids(
             [words["a"], words["sketch"], words["of"], words["a"], class_id, words["in"], words["paris"]], *special
         ),
         "empty": prompt_token_ids([], *special),
     }
+    prompt_ids = {name: (value,) * len(text_encoders) for name, value in ids.items()}
 
     frozen_copy = None
     if with_frozen_copy:
         frozen_copy = copy.deepcopy(unet).to(device, dtype=torch.float32).eval()
-    for module in (text_encoder, unet):
+    for module in (*text_encoders, unet):
         module.to(device, dtype=weight_dtype)
     lora_config = tp.add_lora(unet, rank, rank, 0.0)
-    cast_training_params([unet, text_encoder], dtype=torch.float32)
-    return Models(unet, text_encoder, embedding, lora_config, noise_scheduler, frozen_copy, prompt_ids)
+    cast_training_params([unet, *text_encoders], dtype=torch.float32)
+    return Models(unet, conditioner, lora_config, noise_scheduler, frozen_copy, prompt_ids)
 
 
 def set_gradient_checkpointing(models, enabled):
     if enabled:
         models.unet.enable_gradient_checkpointing()
-        models.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for text_encoder in models.conditioner.text_encoders:
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         models.unet.disable_gradient_checkpointing()
-        models.text_encoder.gradient_checkpointing_disable()
+        for text_encoder in models.conditioner.text_encoders:
+            text_encoder.gradient_checkpointing_disable()
 
 
 def build_run(accelerator, models, resolution, batch_size, alignment, weight_dtype, seed):
@@ -386,46 +451,46 @@ def build_run(accelerator, models, resolution, batch_size, alignment, weight_dty
         timestep_max_ratio=0.98,
     )
     lora_params = [p for p in models.unet.parameters() if p.requires_grad]
-    optimizer = tp.build_optimizer(train_args, lora_params, [models.embedding.rows], accelerator.num_processes)
+    optimizer = tp.build_optimizer(
+        train_args, lora_params, models.conditioner.trainable_rows, accelerator.num_processes
+    )
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
-        models.unet, models.text_encoder, optimizer, lr_scheduler
+    unet, *text_encoders, optimizer, lr_scheduler = accelerator.prepare(
+        models.unet, *models.conditioner.text_encoders, optimizer, lr_scheduler
     )
     device = accelerator.device
-    with torch.no_grad():
-        fixed = tp.encode_prompts(
-            accelerator.unwrap_model(text_encoder),
-            torch.cat([models.prompt_ids["clean"], models.prompt_ids["empty"]]).to(device),
-        ).to(weight_dtype)
+    conditioner = copy.copy(models.conditioner)
+    conditioner.text_encoders, conditioner.resolution = text_encoders, resolution
+    cond_clean, uncond = conditioner.encode_fixed_ids(fixed_prompt_ids(models), device, weight_dtype)
     latent_size = resolution // LATENT_SCALE_FACTOR
     mean_latents = torch.randn(
         (batch_size, 4, latent_size, latent_size), generator=torch.Generator().manual_seed(seed)
     )
-    personal_ids = models.prompt_ids["personal"].repeat(batch_size, 1)
+    personal_ids = tuple(ids.repeat(batch_size, 1) for ids in models.prompt_ids["personal"])
+    # Square photos of the training resolution, uncropped: SDXL's time_ids (the SD families ignore them).
+    geometry = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch_size).float()
 
     def sample_batch(micro_step, generator):
         # As LatentSampler with cached posteriors: one draw of the step's generator, moved to the device.
         sample = mean_latents + 0.1 * torch.randn(mean_latents.shape, generator=generator)
-        return sample.to(device, weight_dtype), personal_ids
+        return sample.to(device, weight_dtype), geometry, personal_ids
 
     return tp.TrainingRun(
         accelerator=accelerator,
         args=train_args,
         seed=seed,
         tokens=["<benchmark-token>"],
-        tokenizer=None,
-        text_encoder=text_encoder,
+        conditioner=conditioner,
         unet=unet,
         vae=None,
         noise_scheduler=models.noise_scheduler,
-        embedding=models.embedding,
         lora_config=models.lora_config,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         weight_dtype=weight_dtype,
         alignment=alignment,
-        cond_clean=fixed[:1],
-        uncond=fixed[1:],
+        cond_clean=cond_clean,
+        uncond=uncond,
         sample_batch=sample_batch,
         validation_prompt="",
         config={},
@@ -442,7 +507,7 @@ class StepOptions:
     """The seams of ``benchmark_step``; the defaults give ``train_palp.training_step`` exactly."""
 
     losses: Callable = tp.palp_losses
-    reencode_ids: torch.Tensor = None  # token ids of [y_c, ∅]: encode them inside every step ('before')
+    reencode_ids: tuple = None  # token ids of [y_c, ∅] per encoder: encode them inside every step ('before')
     hoisted: dict = None  # precomputed alphas_cumprod and timestep bounds ('hoisted')
 
 
@@ -451,9 +516,9 @@ def benchmark_step(run, micro_step, options=None):
     options = options or StepOptions()
     accelerator, scheduler = run.accelerator, run.noise_scheduler
     device = accelerator.device
-    with accelerator.accumulate(run.unet, run.text_encoder):
+    with accelerator.accumulate(run.unet, *run.conditioner.text_encoders):
         generator = tp.step_generator(run.seed, accelerator.process_index, micro_step)
-        latents, personal_ids = run.sample_batch(micro_step, generator)
+        latents, geometry, personal_ids = run.sample_batch(micro_step, generator)
         if options.hoisted is not None:
             t_bounds, alphas_cumprod = options.hoisted["t_bounds"], options.hoisted["alphas_cumprod"]
         else:
@@ -467,11 +532,12 @@ def benchmark_step(run, micro_step, options=None):
         if non_blocking:
             noise, t1, t2, noise2 = (x.pin_memory() for x in (noise, t1, t2, noise2))
         with accelerator.autocast():
-            cond_personal = tp.encode_prompts(run.text_encoder, personal_ids.to(device, non_blocking=non_blocking))
+            cond_personal = run.conditioner.encode(
+                tuple(ids.to(device, non_blocking=non_blocking) for ids in personal_ids), geometry
+            )
             cond_clean, uncond = run.cond_clean, run.uncond
             if options.reencode_ids is not None:
-                fixed = tp.encode_prompts(run.text_encoder, options.reencode_ids.to(device)).to(run.weight_dtype)
-                cond_clean, uncond = fixed[:1], fixed[1:]
+                cond_clean, uncond = run.conditioner.encode_fixed_ids(options.reencode_ids, device, run.weight_dtype)
             loss_pers, loss_align = options.losses(
                 run.unet,
                 run.base_unet,
@@ -501,12 +567,13 @@ def guided_epsilon_unbatched(unet, x_t, t, cond, uncond, scale, alpha_bar, predi
     """'before' of the batched CFG pair: ε(y) and ε(∅) as two UNet calls."""
     if scale == 1.0:
         return tp.guided_epsilon(unet, x_t, t, cond, uncond, scale, alpha_bar, prediction_type)
-    uncond = uncond.to(cond.dtype).expand(x_t.shape[0], *uncond.shape[1:])
+    cond = tp.Conditioning.of(cond)
+    uncond = tp.Conditioning.of(uncond).to(cond.hidden.dtype).expand(x_t.shape[0])
     eps_cond = tp.epsilon_from_model_output(
-        unet(x_t, t, encoder_hidden_states=cond).sample.float(), x_t.float(), alpha_bar, prediction_type
+        unet(x_t, t, **cond.unet_kwargs()).sample.float(), x_t.float(), alpha_bar, prediction_type
     )
     eps_uncond = tp.epsilon_from_model_output(
-        unet(x_t, t, encoder_hidden_states=uncond).sample.float(), x_t.float(), alpha_bar, prediction_type
+        unet(x_t, t, **uncond.unet_kwargs()).sample.float(), x_t.float(), alpha_bar, prediction_type
     )
     return tp.classifier_free_guidance(eps_uncond, eps_cond, scale)
 
@@ -514,8 +581,9 @@ def guided_epsilon_unbatched(unet, x_t, t, cond, uncond, scale, alpha_bar, predi
 def guided_epsilon_no_skip(unet, x_t, t, cond, uncond, scale, alpha_bar, prediction_type):
     """'before' of the β = 1 shortcut: the batched pair runs even though ε^1 = ε(cond)."""
     batch = x_t.shape[0]
-    uncond = uncond.to(cond.dtype).expand(batch, *uncond.shape[1:])
-    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
+    cond = tp.Conditioning.of(cond)
+    both = tp.Conditioning.cat([cond, tp.Conditioning.of(uncond).to(cond.hidden.dtype).expand(batch)])
+    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), **both.unet_kwargs()).sample
     eps = tp.epsilon_from_model_output(
         out.float(), torch.cat([x_t, x_t]).float(), alpha_bar.repeat(2), prediction_type
     )
@@ -546,9 +614,10 @@ def palp_losses_with(guided=tp.guided_epsilon, pretrained_unet=None):
         prediction_type,
         config,
     ):
+        cond_personal, cond_clean = tp.Conditioning.of(cond_personal), tp.Conditioning.of(cond_clean)
         a1, a2 = alphas_cumprod[t1], alphas_cumprod[t2]
         x_t1 = tp.add_noise(latents, noise, a1)
-        model_output = unet(x_t1, t1, encoder_hidden_states=cond_personal).sample
+        model_output = unet(x_t1, t1, **cond_personal.unet_kwargs()).sample
         if prediction_type == "v_prediction":
             a = tp._per_sample(a1, latents)
             target = a.sqrt() * noise - (1 - a).sqrt() * latents
@@ -562,7 +631,7 @@ def palp_losses_with(guided=tp.guided_epsilon, pretrained_unet=None):
             x0_hat = tp.predicted_original_sample(x_t1.float(), eps_hat, a1)
             x_t2 = tp.add_noise(x0_hat, noise2.float(), a2).to(latents.dtype)
             batch = latents.shape[0]
-            clean = cond_clean.expand(batch, *cond_clean.shape[1:])
+            clean = cond_clean.expand(batch)
             if pretrained_unet is None:
                 with tp.lora_disabled(base_unet):
                     g_pre = guided(
@@ -574,8 +643,8 @@ def palp_losses_with(guided=tp.guided_epsilon, pretrained_unet=None):
                         pretrained_unet,
                         x_t2.float(),
                         t2,
-                        clean.float(),
-                        uncond.float(),
+                        clean.to(torch.float32),
+                        tp.Conditioning.of(uncond).to(torch.float32),
                         config.guidance_scale_pretrained,
                         a2,
                         prediction_type,
@@ -586,7 +655,7 @@ def palp_losses_with(guided=tp.guided_epsilon, pretrained_unet=None):
                     base_unet,
                     x_t2,
                     t2,
-                    cond_personal.detach(),
+                    cond_personal.for_alignment(),
                     uncond,
                     config.guidance_scale_personalized,
                     a2,
@@ -611,12 +680,13 @@ def passes_inputs(run, micro_steps):
     inputs = {}
     for micro_step in micro_steps:
         generator = tp.step_generator(run.seed, run.accelerator.process_index, micro_step)
-        latents, personal_ids = run.sample_batch(micro_step, generator)
+        latents, geometry, personal_ids = run.sample_batch(micro_step, generator)
         _, _, t2, noise2 = tp.sample_step_noise(latents.shape, t_bounds, run.alignment, generator)
         t2 = t2.to(device)
         a2 = alphas_cumprod[t2]
         with torch.no_grad(), run.accelerator.autocast():
-            cond_personal = tp.encode_prompts(run.text_encoder, personal_ids.to(device))
+            personal = run.conditioner.encode(tuple(ids.to(device) for ids in personal_ids), geometry)
+            cond_personal = personal.for_alignment()
         x_t2 = tp.add_noise(latents.float(), noise2.to(device).float(), a2).to(latents.dtype)
         inputs[micro_step] = (x_t2, t2, a2, cond_personal)
     return inputs
@@ -634,7 +704,7 @@ def alignment_passes(run, inputs, guidance_scale_personalized):
                 run.base_unet,
                 x_t2,
                 t2,
-                run.cond_clean.expand(batch, *run.cond_clean.shape[1:]),
+                run.cond_clean.expand(batch),
                 run.uncond,
                 run.alignment.guidance_scale_pretrained,
                 a2,
@@ -662,7 +732,7 @@ def build_variants(names, run, models, alpha, beta, micro_steps):
     }
     inputs = passes_inputs(runs["dds"], micro_steps) if {"passes", "passes_beta1"} & set(names) else {}
     device = run.accelerator.device
-    reencode_ids = torch.cat([models.prompt_ids["clean"], models.prompt_ids["empty"]])
+    reencode_ids = fixed_prompt_ids(models)
     hoisted = {
         "alphas_cumprod": run.noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
         "t_bounds": tp.timestep_bounds(
@@ -744,8 +814,10 @@ def tensor_bytes(tensors):
 
 def resident_tensors(run, modules):
     """What a step keeps between steps: weights, buffers, optimizer state and the fixed prompt embeddings."""
-    tensors = [run.cond_clean, run.uncond]
-    for module in (run.base_unet, run.base_text_encoder, *modules):
+    tensors = []
+    for cond in (run.cond_clean, run.uncond):
+        tensors += [cond.hidden, cond.text_embeds, cond.time_ids, cond.alignment_time_ids]
+    for module in (run.base_unet, *run.base_text_encoders, *modules):
         tensors += list(module.parameters()) + list(module.buffers())
     for state in run.optimizer.state_dict()["state"].values():
         tensors += [value for value in state.values() if torch.is_tensor(value)]

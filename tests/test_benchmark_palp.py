@@ -17,11 +17,11 @@ import benchmark_palp as bench  # noqa: E402
 import train_palp as tp  # noqa: E402
 
 
-def tiny_run(seed=0, alignment=None, with_frozen_copy=False):
+def tiny_run(seed=0, alignment=None, with_frozen_copy=False, model="tiny"):
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision="no", cpu=True)
-    models = bench.build_models("tiny", 4, accelerator.device, torch.float32, seed, with_frozen_copy)
+    models = bench.build_models(model, 4, accelerator.device, torch.float32, seed, with_frozen_copy)
     run = bench.build_run(accelerator, models, 64, 2, alignment or tp.AlignmentConfig(), torch.float32, seed)
     run.unet.train()
     return run, models
@@ -95,12 +95,13 @@ def test_scaling_table_has_one_line_per_setting(capsys):
     assert large > small
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl"])
 @pytest.mark.parametrize("mode", ["dds", "none"])
-def test_benchmark_step_is_training_step(mode):
+def test_benchmark_step_is_training_step(mode, model):
     """The timed step computes what train_palp.training_step computes: same losses, same updated LoRA."""
     alignment = tp.AlignmentConfig(mode=mode)
-    run_script, _ = tiny_run(alignment=alignment)
-    run_bench, _ = tiny_run(alignment=alignment)
+    run_script, _ = tiny_run(alignment=alignment, model=model)
+    run_bench, _ = tiny_run(alignment=alignment, model=model)
     for micro_step in (0, 1):
         expected = tp.training_step(run_script, micro_step)
         got = bench.benchmark_step(run_bench, micro_step)
@@ -112,11 +113,12 @@ def test_benchmark_step_is_training_step(mode):
         torch.testing.assert_close(after_script[name], after_bench[name], rtol=0, atol=0)
 
 
-def test_before_variants_compute_the_same_losses():
+@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl"])
+def test_before_variants_compute_the_same_losses(model):
     """A 'before' differs from the script in cost only: same L_pers and L_align (up to float rounding)."""
-    run, models = tiny_run(with_frozen_copy=True)
+    run, models = tiny_run(with_frozen_copy=True, model=model)
     beta1 = bench.replace(run, alignment=tp.AlignmentConfig(guidance_scale_personalized=1.0))
-    reencode = torch.cat([models.prompt_ids["clean"], models.prompt_ids["empty"]])
+    reencode = bench.fixed_prompt_ids(models)
     cases = [
         (run, bench.StepOptions(losses=bench.palp_losses_with(bench.guided_epsilon_unbatched))),
         (run, bench.StepOptions(reencode_ids=reencode)),
@@ -155,7 +157,7 @@ def test_passes_alone_match_the_steps_direction():
     with torch.no_grad():
         with tp.lora_disabled(run.base_unet):
             g_pre = tp.guided_epsilon(
-                run.base_unet, x_t2, t2, run.cond_clean.expand(2, -1, -1), run.uncond, 15.0, a2, "epsilon"
+                run.base_unet, x_t2, t2, run.cond_clean.expand(2), run.uncond, 15.0, a2, "epsilon"
             )
         g_per = tp.guided_epsilon(run.base_unet, x_t2, t2, cond_personal, run.uncond, 7.5, a2, "epsilon")
     torch.testing.assert_close(direction, g_pre - g_per)
