@@ -34,8 +34,10 @@ or, for SDXL, into a ``StableDiffusionXLPipeline`` (the embedding file holds one
 
     pipe.load_lora_weights("palp-cat-sketch")
     state = load_file("palp-cat-sketch/learned_embeds.safetensors")
-    pipe.load_textual_inversion(state["clip_l"], token="<my-cat>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(state["clip_g"], token="<my-cat>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    pipe.load_textual_inversion(state["clip_l"], token="<my-cat>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="<my-cat>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
 """
 
 import argparse

@@ -36,7 +36,9 @@ Run ``python train_palp_multi_subject.py --help`` for every flag, its default an
 
 or, with the subjects in a file (see ``examples/art_inspiration/subjects.json``), ``--subjects_config subjects.json``.
 The result loads into a stock ``StableDiffusionPipeline``: ``pipe.load_lora_weights(folder)``, then
-``pipe.load_textual_inversion`` once per ``learned_embeds_<token>.safetensors``.
+``pipe.load_textual_inversion`` once per ``learned_embeds_<token>.safetensors``. An SDXL base model trains with the
+same command (its ``model_index.json`` says so); each file then holds ``{"clip_l": …, "clip_g": …}`` and loads into a
+``StableDiffusionXLPipeline`` with two ``load_textual_inversion`` calls, one per text encoder (see the model card).
 
 Most of this file is shared with ``train_palp.py``: every block marked ``# Copied from train_palp.<name>`` is kept
 identical to its original by ``python utils/check_copies.py`` (``--fix_and_overwrite`` re-syncs them). Edit the

@@ -27,7 +27,9 @@ def generate(pipe, prompt):
 def load_into(pipe, out):
     """The model card's two load_textual_inversion calls."""
     state = load_file(out / "learned_embeds.safetensors")
-    pipe.load_textual_inversion(state["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(
+        state["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
     pipe.load_textual_inversion(
         state["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
     )
@@ -146,6 +148,16 @@ def test_time_ids_real_geometry_for_personalization_inference_for_alignment(tiny
     assert (height, width, top, h, w) == (24, 60, 0, 32, 32) and 0 <= left <= 80 - 32
     assert len(alignment) == 2
     assert all(row == [32.0, 32.0, 0.0, 0.0, 32.0, 32.0] for call in alignment for row in call)
+
+
+@pytest.mark.parametrize("family", ["tiny_sd_path", "tiny_sdxl_path"])
+def test_native_resolution_is_the_default_of_both_families(family, request, tmp_path):
+    model = request.getfixturevalue(family)
+    argv = [a for a in base_args(model, str(write_instance_images(tmp_path / "i")), tmp_path / "a")]
+    index = argv.index("--resolution")
+    del argv[index : index + 2]
+    run = tp.main(tp.parse_args([*argv, "--max_train_steps", "1", "--num_validation_images", "0"]))
+    assert run.resolution == 16 and run.config["resolution"] == 16  # sample_size 8 × VAE scale factor 2
 
 
 def test_vae_upcast_rule_and_native_resolution(tiny_sdxl_path, tmp_path):
@@ -270,7 +282,9 @@ def test_multi_subject_script_on_sdxl_writes_one_loadable_file_per_token(tiny_sd
         assert f'"{name}"' in card and f'token="{token}", text_encoder=pipe.text_encoder_2' in card
         state = load_file(out / name)
         assert state["clip_l"].shape == (1, 16) and state["clip_g"].shape == (1, 32)
-        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(
+            state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
         pipe.load_textual_inversion(
             state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
         )
