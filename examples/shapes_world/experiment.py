@@ -43,7 +43,7 @@ CONFIGS = {
     "PALP λ=0.3": PAPER + ["--alignment_weight", "0.3"],
     "PALP λ=0.1": PAPER + ["--alignment_weight", "0.1"],
     "PALP t2≤0.6T": PAPER + ["--alignment_timestep_max_ratio", "0.6"],
-    "PALP warm-up 50%": PAPER + ["--alignment_warmup_ratio", "0.5"],
+    "PALP warm-up 100 steps": PAPER + ["--alignment_warmup_steps", "100"],
     "PALP w=1-ᾱ": PAPER + ["--alignment_weighting", "one_minus_alpha_bar"],
     "PALP normalised D": PAPER + ["--alignment_normalization", "personalization"],
     # train_palp.py's defaults as they stand: the configuration the held-out check evaluates.
@@ -57,6 +57,8 @@ def parse_args(input_args=None):
     parser.add_argument("--configs", type=str, nargs="+", required=True, choices=list(CONFIGS), help="What to run.")
     parser.add_argument("--subjects", type=str, nargs="+", default=None, help="Default: every subject of the split.")
     parser.add_argument("--prompt_indices", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], help="Target prompts.")
+    parser.add_argument("--pairs", type=str, nargs="+", default=None,
+                        help="Instead of --subjects × --prompt_indices: subject:index pairs, e.g. checkered_star:0.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train_palp.py --seed values.")
     parser.add_argument("--steps", type=int, nargs="+", default=[300], help="Step counts to score (one run each).")
     parser.add_argument("--model", type=str, default=str(HERE / "model"), help="The shapes-world base model.")
@@ -122,7 +124,13 @@ def main(args):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     subjects_dir = Path(args.subjects_dir or HERE / {"dev": "subjects", "heldout": "subjects_heldout"}[args.split])
-    subjects = args.subjects or list(world.SPLITS[args.split][0])
+    if args.pairs:
+        chosen = {}
+        for pair in args.pairs:
+            name, _, index = pair.partition(":")
+            chosen.setdefault(name, []).append(int(index))
+    else:
+        chosen = {name: args.prompt_indices for name in args.subjects or world.SPLITS[args.split][0]}
     probes = {"": probe_lib.load_probe()}
     if PROBE_B.is_dir():
         probes["b_"] = probe_lib.load_probe(PROBE_B)
@@ -133,12 +141,12 @@ def main(args):
     start = time.time()
     for config in args.configs:
         prompt_free = "none" in CONFIGS[config]
-        for subject_name in subjects:
+        for subject_name, prompt_indices in chosen.items():
             subject = world.find_subject(subject_name)
             identity = {k: subject[k] for k in probe_lib.IDENTITY}
             pairs = world.target_prompts(subject_name)
             for seed in args.seeds:
-                todo = [i for i in args.prompt_indices if (config, subject_name, i, seed) not in done]
+                todo = [i for i in prompt_indices if (config, subject_name, i, seed) not in done]
                 # A prompt-free run is trained once for all prompts; a PALP run once per prompt.
                 groups = [todo] if prompt_free and todo else [[i] for i in todo]
                 for group in groups:
