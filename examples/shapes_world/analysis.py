@@ -137,17 +137,103 @@ def format_verdict(result, method, baseline):
     return "\n".join(lines) + "\n"
 
 
+def config_table(rows, baseline="TI+DB"):
+    """Every configuration at every step count: means ± standard error over its runs, and its paired gain and
+    fidelity ratio against ``baseline`` at the same step count (bootstrap intervals over clusters)."""
+    entries = []
+    labels = list(dict.fromkeys((r["config"], int(r["steps"])) for r in rows))
+    for config, steps in labels:
+        sel = select(rows, f"{config}@{steps}")
+        entry = {"config": config, "steps": steps, "runs": len(sel)}
+        for column in ("prompt_alignment", "subject_fidelity", "appearance_fidelity", "identity_exact",
+                       "b_subject_fidelity", "b_appearance_fidelity", "diversity"):
+            values = [r[column] for r in sel if isinstance(r.get(column), float)]
+            if values:
+                entry[column] = (float(np.mean(values)),
+                                 float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0)
+        if config != baseline and select(rows, f"{baseline}@{steps}"):
+            pairs = paired(rows, f"{config}@{steps}", f"{baseline}@{steps}")
+            entry["gain"] = cluster_bootstrap(pairs, gain("prompt_alignment"), num_resamples=2000)
+            entry["ratio"] = cluster_bootstrap(pairs, ratio("subject_fidelity"), num_resamples=2000)
+            entry["appearance_ratio"] = cluster_bootstrap(pairs, ratio("appearance_fidelity"), num_resamples=2000)
+        entries.append(entry)
+    return entries
+
+
+def format_table(entries, baseline="TI+DB"):
+    def ms(e, k):
+        return f"{e[k][0]:.3f} ± {e[k][1]:.3f}" if k in e else "–"
+
+    def ci(e, k, signed=False):
+        if k not in e:
+            return "–"
+        f = "{:+.3f}" if signed else "{:.2f}"
+        return f"{f.format(e[k][0])} [{f.format(e[k][1])}, {f.format(e[k][2])}]"
+
+    lines = [f"| configuration | steps | runs | prompt alignment | subject fidelity | appearance fidelity | identity exact | "
+             f"probe B fidelity | diversity | alignment gain vs {baseline} | fidelity ratio | appearance ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(f"| {e['config']} | {e['steps']} | {e['runs']} | {ms(e, 'prompt_alignment')} | "
+                     f"{ms(e, 'subject_fidelity')} | {ms(e, 'appearance_fidelity')} | {ms(e, 'identity_exact')} | "
+                     f"{ms(e, 'b_subject_fidelity')} | "
+                     f"{e['diversity'][0]:.1f} | {ci(e, 'gain', True)} | {ci(e, 'ratio')} | {ci(e, 'appearance_ratio')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_table(entries, path, baseline="TI+DB"):
+    """Prompt alignment against subject fidelity, one line per configuration through its step counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    configs = list(dict.fromkeys(e["config"] for e in entries))
+    for i, config in enumerate(configs):
+        sel = sorted((e for e in entries if e["config"] == config), key=lambda e: e["steps"])
+        x = [e["subject_fidelity"][0] for e in sel]
+        y = [e["prompt_alignment"][0] for e in sel]
+        style = "k--" if config == baseline else "-"
+        ax.plot(x, y, style, marker="osD^v<>Pp*X"[i % 11], label=config)
+        for e in sel:
+            ax.annotate(str(e["steps"]), (e["subject_fidelity"][0], e["prompt_alignment"][0]), fontsize=6,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("subject fidelity (probe: class, colour, pattern)")
+    ax.set_ylabel("prompt alignment (probe: elements of y_c)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="PROTOCOL.md's decision rule on experiment.py's runs.csv.")
     parser.add_argument("--runs", type=str, nargs="+", required=True, help="runs.csv file(s) of experiment.py.")
-    parser.add_argument("--method", type=str, required=True, help="Configuration under test: its `config` label, or label@steps.")
-    parser.add_argument("--baseline", type=str, nargs="+", required=True, help="Configuration(s) to compare against.")
+    parser.add_argument("--method", type=str, default=None,
+                        help="Configuration under test: its `config` label, or label@steps.")
+    parser.add_argument("--baseline", type=str, nargs="+", default=["TI+DB"],
+                        help="Configuration(s) to compare against.")
     parser.add_argument("--output", type=str, default=None, help="Markdown file for the verdict.")
+    parser.add_argument("--table", type=str, default=None,
+                        help="Instead of one verdict: write every configuration × step count to this folder "
+                        "(table.md, plot.png), against the first --baseline.")
     return parser.parse_args(input_args)
 
 
 def main(args):
     rows = [r for path in args.runs for r in read_runs(path)]
+    if args.table:
+        out = Path(args.table)
+        out.mkdir(parents=True, exist_ok=True)
+        entries = config_table(rows, args.baseline[0])
+        (out / "table.md").write_text(format_table(entries, args.baseline[0]))
+        plot_table(entries, out / "plot.png", args.baseline[0])
+        print((out / "table.md").read_text())
+        return
+    if args.method is None:
+        raise SystemExit("error: give --method (or --table)")
     text = "".join(format_verdict(verdict(paired(rows, args.method, b)), args.method, b) + "\n" for b in args.baseline)
     print(text)
     if args.output:
