@@ -313,10 +313,12 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
     palp.add_argument(
         "--alignment_normalization",
         type=str,
-        default="none",
+        default="personalization",
         choices=["none", "personalization"],
-        help="'personalization': rescale D per sample to the RMS of the personalization gradient 2(ε̂ − ε), so λ is "
-        "the ratio of the two terms' pushes on ε̂, whatever the guidance scales and the model (ours). 'none': D as is.",
+        help="'personalization' (ours): rescale D per sample to the RMS of the personalization gradient 2(ε̂ − ε), so "
+        "λ is the ratio of the two terms' pushes on ε̂, whatever the guidance scales and the model; unnormalised, the "
+        "alignment push outweighs the personalization's several times over and the subject is lost. 'none': D as "
+        "the paper uses it.",
     )
 
     # LoRA.
@@ -800,7 +802,8 @@ def palp_alignment_loss(eps_hat, direction, alpha_bar_t1, weight, rescale=True):
 # Copied from train_palp.AlignmentConfig
 @dataclass
 class AlignmentConfig:
-    """PALP's alignment settings (see --help for the source of each default)."""
+    """PALP's alignment settings. The field defaults are the paper's method as written (D unnormalised, no warm-up);
+    the command line's defaults, and where each comes from, are in --help."""
 
     mode: str = "dds"
     guidance_scale_pretrained: float = 15.0

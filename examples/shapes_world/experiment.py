@@ -46,6 +46,10 @@ CONFIGS = {
     "PALP warm-up 100 steps": PAPER + ["--alignment_warmup_steps", "100"],
     "PALP w=1-ᾱ": PAPER + ["--alignment_weighting", "one_minus_alpha_bar"],
     "PALP normalised D": PAPER + ["--alignment_normalization", "personalization"],
+    "PALP normalised D λ=2": PAPER + ["--alignment_normalization", "personalization", "--alignment_weight", "2"],
+    "PALP normalised D λ=1.5": PAPER + ["--alignment_normalization", "personalization", "--alignment_weight", "1.5"],
+    "PALP normalised D α=β=7.5": PAPER + ["--alignment_normalization", "personalization",
+                                          "--guidance_scale_pretrained", "7.5"],
     # train_palp.py's defaults as they stand: the configuration the held-out check evaluates.
     "PALP (defaults)": ["--alignment_mode", "dds"],
 }
