@@ -234,7 +234,8 @@ def measure_draws(train_palp, models, subject_name, draws, alpha, beta, weight, 
              for _, clean in prompts]
     records, grads = [], []
     for i in range(draws):
-        gen = torch.Generator().manual_seed(seed * 100003 + i)
+        # Distinct draws per subject (its index in world.SUBJECTS), the same ones in every state.
+        gen = torch.Generator().manual_seed((seed * 1000 + list(world.SUBJECTS).index(subject_name)) * 100003 + i)
         index = int(torch.randint(0, models["num_images"], (1,), generator=gen))
         latents = models["sampler"]([index], gen)
         noise, t1, t2, noise2 = train_palp.sample_step_noise(latents.shape, t_bounds, config, gen)
@@ -273,6 +274,8 @@ def measure_draws(train_palp, models, subject_name, draws, alpha, beta, weight, 
             "rms_class_pull": float(rms(parts["class_pull"])),
             "rms_guidance_gap": float(rms(parts["guidance_gap"])),
             "rms_uncond_gap": float(rms(parts["uncond_gap"])),
+            "rms_pre_guidance": float(rms(alpha * (eps_c - eps_u))),
+            "rms_per_guidance": float(rms(beta * (eps_p - eps_pu))),
             "class_pull_share": float(share_along(direction, parts["class_pull"])),
             "class_pull_projection": float(
                 (direction * parts["class_pull"]).sum() / parts["class_pull"].pow(2).sum().clamp_min(1e-20)),
@@ -310,6 +313,8 @@ def summarise_records(records):
         "class_pull_projection": float(r["class_pull_projection"].mean()),
         "guidance_gap_rms_over_D": float(r["rms_guidance_gap"].mean() / r["rms_lambda_D"].mean()),
         "uncond_gap_rms_over_D": float(r["rms_uncond_gap"].mean() / r["rms_lambda_D"].mean()),
+        "pre_guidance_rms_over_D": float(r["rms_pre_guidance"].mean() / r["rms_lambda_D"].mean()),
+        "per_guidance_rms_over_D": float(r["rms_per_guidance"].mean() / r["rms_lambda_D"].mean()),
         "lora_norm_pers": float(r["lora_norm_pers"].mean()),
         "lora_norm_align": float(r["lora_norm_align"].mean()),
         "lora_norm_ratio": float(r["lora_norm_align"].mean() / r["lora_norm_pers"].mean()),
@@ -335,6 +340,7 @@ GRAD_COLUMNS = [("n", "n"), ("rms λ·D", "rms_lambda_D"), ("rms 2(ε̂−ε)", 
                 ("ratio", "rms_ratio_D_over_pers"), ("(α−β) rms / D rms", "class_pull_rms_over_D"),
                 ("(α−β) share of ‖D‖²", "class_pull_share_of_D2"),
                 ("β·gap rms / D", "guidance_gap_rms_over_D"), ("∅-gap rms / D", "uncond_gap_rms_over_D"),
+                ("α(ε_c−ε_∅) rms / D", "pre_guidance_rms_over_D"), ("β(ε'_P−ε'_∅) rms / D", "per_guidance_rms_over_D"),
                 ("‖∇LoRA‖ pers", "lora_norm_pers"),
                 ("‖∇LoRA‖ align", "lora_norm_align"), ("align/pers", "lora_norm_ratio"),
                 ("cos LoRA", "lora_cosine"), ("‖∇tok‖ align/pers", "token_norm_ratio"), ("cos tok", "token_cosine")]
@@ -502,6 +508,15 @@ def run_ceiling(args):
             sel = [d for d in data if d["images"] == kind and d["probe"] == label]
             rows.append([kind, label] + [float(np.mean([d[c] for d in sel])) for c in cols])
     md.append(md_table(["images", "probe"] + cols, rows))
+    md.append("\nPer prompt template (autoencoder round trip; mean over the 4 subjects, the class written X):\n\n")
+    trow = []
+    for j, template in enumerate(world.TARGET_TEMPLATES):
+        for label in probes:
+            sel = [d for d in data if d["prompt_index"] == j and d["images"] == "autoencoder" and d["probe"] == label]
+            trow.append([template.format("X", blue="blue", yellow="yellow", green="green", white="white",
+                                         companion="companion"), label]
+                        + [float(np.mean([d[c] for d in sel])) for c in cols])
+    md.append(md_table(["template", "probe"] + cols, trow))
     md.append("\nPer subject (autoencoder round trip), pattern hit by style:\n\n")
     prow = []
     for name in world.SUBJECTS:
