@@ -14,13 +14,18 @@ BASELINE_STEPS=${BASELINE_STEPS:-200}  # TI+DB's best step count on dev
 X=examples/shapes_world/experiment.py
 RESULTS=examples/shapes_world/results/heldout
 
-# TI+DB does not depend on the prompt: 4 subjects × 3 seeds, each scored on all 6 prompts, beside half of PALP's runs.
-(python $X --split heldout --configs "TI+DB" --seeds 0 1 2 --steps $(printf '%s\n' 100 "$STEPS" "$BASELINE_STEPS" | sort -nu) \
-   --output_dir "${OUT}_a" \
- && python $X --split heldout --configs "PALP (defaults)" --subjects dotted_star striped_triangle --seeds 0 1 2 \
-   --steps 100 "$STEPS" --output_dir "${OUT}_a") > "${OUT}_a.log" 2>&1 &
-python $X --split heldout --configs "PALP (defaults)" --subjects ringed_square orange_circle --seeds 0 1 2 \
-  --steps 100 "$STEPS" --output_dir "${OUT}_b" > "${OUT}_b.log" 2>&1
+# TI+DB does not depend on the prompt: one run per subject and seed, scored on all 6 prompts, beside half of PALP's
+# runs. Seed by seed, so that every finished seed covers all 24 (subject, prompt) clusters.
+TI_STEPS=$(printf '%s\n' 100 "$STEPS" "$BASELINE_STEPS" | sort -nu)
+(for SEED in 0 1 2; do
+   python $X --split heldout --configs "TI+DB" --seeds $SEED --steps $TI_STEPS --output_dir "${OUT}_a"
+   python $X --split heldout --configs "PALP (defaults)" --subjects dotted_star striped_triangle --seeds $SEED \
+     --steps 100 "$STEPS" --output_dir "${OUT}_a"
+ done) > "${OUT}_a.log" 2>&1 &
+(for SEED in 0 1 2; do
+   python $X --split heldout --configs "PALP (defaults)" --subjects ringed_square orange_circle --seeds $SEED \
+     --steps 100 "$STEPS" --output_dir "${OUT}_b"
+ done) > "${OUT}_b.log" 2>&1
 wait
 
 mkdir -p "$RESULTS"
