@@ -1595,7 +1595,7 @@ def model_card(config, image_paths, output_dir):
     )
     tokens = ", ".join(f"`{s['placeholder_token']}`" for s in subjects)
     hub_id = hub_base_model(config["pretrained_model_name_or_path"])
-    base = hub_id or config["pretrained_model_name_or_path"]
+    base = hub_id or Path(config["pretrained_model_name_or_path"]).name  # a local path stays off the card
     metadata = card_metadata(hub_id, config["target_prompt"])
     return f"""{metadata}
 
