@@ -1,7 +1,5 @@
 """The PALP mathematics of train_palp.py, checked against independent computations on a tiny UNet with LoRA."""
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -386,8 +384,12 @@ def _reference_losses(unet, inputs, config, prediction_type):
         x_t2 = a2.sqrt() * x0_hat + (1 - a2).sqrt() * noise2
 
         def eps(c, lora):
-            with contextlib.nullcontext() if lora else tp.lora_disabled(unet):
+            if not lora:
+                unet.disable_adapters()
+            try:
                 o = unet(x_t2, t2, encoder_hidden_states=c.expand(2, -1, -1)).sample
+            finally:
+                unet.enable_adapters()
             return a2.sqrt() * o + (1 - a2).sqrt() * x_t2 if prediction_type == "v_prediction" else o
 
         def guided(c, scale, lora):
