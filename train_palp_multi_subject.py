@@ -288,12 +288,19 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "--timestep_max_ratio",
         type=float,
         default=0.98,
-        help="Highest t1 and t2 as a fraction of the schedule length T (ours).",
+        help="Highest t1 and t2 as a fraction of the schedule length T (ours). Must stay below the last step of a "
+        "zero-terminal-SNR schedule, where ᾱ = 0.",
     )
 
     # LoRA.
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (paper: 32).")
-    parser.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha. Default: equal to --rank (ours).")
+    parser.add_argument(
+        "--lora_alpha",
+        type=int,
+        default=None,
+        help="LoRA alpha; the LoRA's scale is alpha/rank, folded into the saved up-weights. Default: equal to --rank "
+        "(ours). 0 switches the LoRA's effect off (a textual-inversion-only run).",
+    )
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA layers.")
 
     # Images.
@@ -319,7 +326,8 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "--embedding_learning_rate",
         type=float,
         default=None,
-        help="Learning rate of the placeholder embedding. Default: --learning_rate (paper).",
+        help="Learning rate of the placeholder embedding. Default: --learning_rate (paper). 0 freezes the token at "
+        "its class-noun initialisation (a LoRA-only run).",
     )
     parser.add_argument(
         "--scale_lr",
@@ -353,7 +361,9 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         help="Mixed precision; default: the accelerate config. Trainable parameters always stay in fp32.",
     )
     parser.add_argument(
-        "--gradient_checkpointing", action="store_true", help="Trade compute for memory in UNet and text encoder."
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Trade compute for memory: recompute the UNet's and the text encoder's activations in the backward pass.",
     )
     parser.add_argument(
         "--enable_xformers_memory_efficient_attention",
@@ -379,7 +389,8 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "--resume_from_checkpoint",
         type=str,
         default=None,
-        help="Resume from a checkpoint folder, or 'latest' for the newest in --output_dir.",
+        help="Resume from a checkpoint: a name in --output_dir ('checkpoint-500'), a path, or 'latest' for the newest "
+        "in --output_dir.",
     )
 
     # Validation.
