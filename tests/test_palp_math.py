@@ -366,9 +366,10 @@ def test_step_generator_depends_on_seed_rank_and_step_only():
 
 # ------------------------------------------------------------------------------------------------ palp_losses by value
 def _reference_losses(unet, inputs, config, prediction_type):
-    """L_pers + λ·L_align written out independently of train_palp: separate (unbatched) CFG calls, x̂0 from the raw
-    model output, and the alignment term as the DDS loss through x̂0 whose gradient is w·c·D·∂x̂0/∂θ, with c the
-    rescale √ᾱ1/√(1-ᾱ1) (or 1 without it) times the v-prediction balance 1/ᾱ1."""
+    """The PALP terms written out independently of train_palp: separate (unbatched) CFG calls, x̂0 from the raw model
+    output. Returns L_pers, the DDS loss through x̂0 whose gradient is w·c·D·∂x̂0/∂θ (c: the rescale √ᾱ1/√(1-ᾱ1), or
+    1 without it, times the v-prediction balance 1/ᾱ1), and the value of the surrogate -mean(w·c·D·ε̂)·√(1-ᾱ1)/√ᾱ1
+    that train_palp minimises in its place."""
     alphas, latents, noise, noise2, cond, cond_clean, uncond, t1, t2 = inputs
     a1, a2 = alphas[t1].view(-1, 1, 1, 1), alphas[t2].view(-1, 1, 1, 1)
     x_t1 = a1.sqrt() * latents + (1 - a1).sqrt() * noise
@@ -403,7 +404,10 @@ def _reference_losses(unet, inputs, config, prediction_type):
     if prediction_type == "v_prediction":
         c = c / a1
     dds = (w * c * direction * x0_hat).sum() / latents[0].numel() / latents.shape[0]
-    return loss_pers, dds
+    eps_hat = a1.sqrt() * out + (1 - a1).sqrt() * x_t1 if prediction_type == "v_prediction" else out
+    # ∂x̂0/∂ε̂ = -√(1-ᾱ1)/√ᾱ1: the surrogate in ε̂ with the same gradient as the DDS loss through x̂0.
+    surrogate = -(w * c * (1 - a1).sqrt() / a1.sqrt() * direction * eps_hat).flatten(1).mean(1).mean()
+    return loss_pers, dds, surrogate.detach()
 
 
 PALP_LOSS_CASES = {
@@ -437,11 +441,12 @@ def test_palp_losses_gradient_matches_an_independent_reference(lora_unet, case, 
         lora_unet, lora_unet, latents, noise, t1, t2, noise2, cond, cond_clean, uncond, alphas, prediction_type, config
     )
     got = torch.autograd.grad(loss_pers + config.weight * loss_align, params)
-    ref_pers, ref_dds = _reference_losses(lora_unet, inputs, config, prediction_type)
+    ref_pers, ref_dds, ref_surrogate = _reference_losses(lora_unet, inputs, config, prediction_type)
     want = torch.autograd.grad(ref_pers + config.weight * ref_dds, params, retain_graph=True)
     align_only = torch.autograd.grad(ref_dds, params)
 
     torch.testing.assert_close(loss_pers.detach(), ref_pers.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss_align.detach(), ref_surrogate, atol=1e-6, rtol=1e-4)
     assert max(g.abs().max().item() for g in align_only) > 1e-4  # the alignment term really contributes
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
@@ -516,10 +521,10 @@ def test_v_prediction_alignment_branch_by_value(tiny_sd_vpred_path):
     _, loss_align = tp.palp_losses(
         unet, unet, latents, noise, t1, t2, noise, cond, cond_clean, uncond, alphas, "v_prediction", config
     )
-    _, ref = _reference_losses(unet, (alphas, latents, noise, noise, cond, cond_clean, uncond, t1, t2), config,
-                               "v_prediction")  # fmt: skip
-    # The reference is the DDS loss through x̂0: its value is -(√(1-ᾱ1)) times the surrogate's ε̂-part; compare
-    # gradients, which is what the surrogate promises.
+    _, ref, ref_surrogate = _reference_losses(
+        unet, (alphas, latents, noise, noise, cond, cond_clean, uncond, t1, t2), config, "v_prediction"
+    )
+    torch.testing.assert_close(loss_align.detach(), ref_surrogate, atol=1e-6, rtol=1e-4)
     params = _lora_params(unet)
     torch.testing.assert_close(
         torch.autograd.grad(loss_align, params, retain_graph=True)[0], torch.autograd.grad(ref, params)[0],
