@@ -228,14 +228,44 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "--timestep_min_ratio",
         type=float,
         default=0.02,
-        help="Lowest t1 and t2 as a fraction of the schedule length T (ours).",
+        help="Lowest t1 (and t2, unless --alignment_timestep_min_ratio) as a fraction of the schedule length T (ours).",
     )
     palp.add_argument(
         "--timestep_max_ratio",
         type=float,
         default=0.98,
-        help="Highest t1 and t2 as a fraction of the schedule length T (ours). Must stay below the last step of a "
-        "zero-terminal-SNR schedule, where ᾱ = 0.",
+        help="Highest t1 (and t2, unless --alignment_timestep_max_ratio) as a fraction of the schedule length T (ours). "
+        "Must stay below the last step of a zero-terminal-SNR schedule, where ᾱ = 0.",
+    )
+    palp.add_argument(
+        "--alignment_timestep_min_ratio",
+        type=float,
+        default=None,
+        help="Lowest t2 of the alignment branch as a fraction of T. Default: --timestep_min_ratio (ours).",
+    )
+    palp.add_argument(
+        "--alignment_timestep_max_ratio",
+        type=float,
+        default=None,
+        help="Highest t2 of the alignment branch as a fraction of T. Default: --timestep_max_ratio (ours). Near T the "
+        "re-noised x̂_t2 keeps little of the subject, and both models' predictions there come mostly from the prompt.",
+    )
+    palp.add_argument(
+        "--alignment_warmup_steps",
+        type=int,
+        default=0,
+        help="Ramp λ linearly from 0 over the first N optimizer steps, so the alignment term starts once the token and "
+        "the LoRA hold something of the subject (ours; the paper applies both terms from step 0).",
+    )
+    palp.add_argument(
+        "--alignment_normalization",
+        type=str,
+        default="personalization",
+        choices=["none", "personalization"],
+        help="'personalization' (ours): rescale D per sample to the RMS of the personalization gradient 2(ε̂ − ε), so "
+        "λ is the ratio of the two terms' pushes on ε̂, whatever the guidance scales and the model; unnormalised, the "
+        "alignment push outweighs the personalization's several times over and the subject is lost. 'none': D as "
+        "the paper uses it.",
     )
 
     # LoRA.
@@ -413,6 +443,8 @@ def validate_training_args(args):
     for flag in ("guidance_scale_pretrained", "guidance_scale_personalized", "alignment_weight", "learning_rate"):
         if getattr(args, flag) < 0:
             raise UserInputError(f"--{flag} must not be negative, got {getattr(args, flag)}.")
+    if args.alignment_warmup_steps < 0:
+        raise UserInputError(f"--alignment_warmup_steps must not be negative, got {args.alignment_warmup_steps}.")
     if not 0.0 <= args.timestep_min_ratio <= args.timestep_max_ratio <= 1.0:
         raise UserInputError("--timestep_min_ratio and --timestep_max_ratio need 0 <= min <= max <= 1.")
     if args.timestep_min_ratio >= 1.0:
@@ -422,6 +454,22 @@ def validate_training_args(args):
     for flag in ("embedding_learning_rate", "lora_alpha"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise UserInputError(f"--{flag} must not be negative, got {getattr(args, flag)}.")
+    t2_min, t2_max = alignment_timestep_ratios(args)
+    if not 0.0 <= t2_min <= t2_max <= 1.0:
+        raise UserInputError(
+            "--alignment_timestep_min_ratio and --alignment_timestep_max_ratio need 0 <= min <= max <= 1 "
+            f"(got {t2_min} and {t2_max}; unset, they follow --timestep_min_ratio / --timestep_max_ratio)."
+        )
+    if args.alignment_timestep == "same" and (t2_min, t2_max) != (args.timestep_min_ratio, args.timestep_max_ratio):
+        raise UserInputError(
+            "--alignment_timestep same reuses t1 as t2, so a separate t2 range does not apply: drop "
+            "--alignment_timestep_min_ratio / --alignment_timestep_max_ratio, or use --alignment_timestep independent."
+        )
+    if t2_min >= 1.0:
+        raise UserInputError(
+            "--alignment_timestep_min_ratio 1 leaves no timestep inside the schedule (t runs from 0 to T-1): use at "
+            "most 0.98."
+        )
     if args.validation_steps is not None and args.validation_steps <= 0:
         raise UserInputError("--validation_steps must be a positive integer.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
@@ -447,6 +495,13 @@ def validate_training_args(args):
             f"--output_dir {args.output_dir!r} already holds a finished run ({LORA_NAME}); "
             "choose another folder or pass --overwrite_output_dir."
         )
+
+
+def alignment_timestep_ratios(args):
+    """The t2 range as fractions of T: its own flags where given, otherwise t1's."""
+    low = args.timestep_min_ratio if args.alignment_timestep_min_ratio is None else args.alignment_timestep_min_ratio
+    high = args.timestep_max_ratio if args.alignment_timestep_max_ratio is None else args.alignment_timestep_max_ratio
+    return low, high
 
 
 def require_package(name, flag, needed):
@@ -516,6 +571,27 @@ def alignment_timestep_weight(alpha_bar_t2, weighting):
     raise ValueError(f"Unknown alignment weighting {weighting!r}")
 
 
+def normalize_direction(direction, reference):
+    """D rescaled per sample to the RMS of ``reference`` (the personalization gradient 2(ε̂ − ε) on ε̂).
+
+    Both losses are means over the same elements, so per element their gradients on ε̂ compare as λ·D against
+    2(ε̂ − ε). D's size grows with the guidance scales (α − β multiplies a term of the pre-trained model that does not
+    cancel) and differs between models; after this rescale λ alone sets the ratio of the two pushes.
+    """
+    dims = tuple(range(1, direction.ndim))
+    ratio = reference.float().pow(2).mean(dims, keepdim=True).sqrt() / direction.float().pow(2).mean(
+        dims, keepdim=True
+    ).sqrt().clamp_min(1e-12)
+    return direction * ratio
+
+
+def alignment_ramp(step, warmup_steps):
+    """The factor on λ at optimizer step ``step`` (0-based): linear from 0 to 1 over ``warmup_steps``."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / warmup_steps)
+
+
 def prediction_type_balance(alpha_bar_t1, prediction_type):
     """The factor that gives a v-prediction model the per-timestep balance of L_pers and L_align of an ε-model.
 
@@ -558,7 +634,8 @@ def palp_alignment_loss(eps_hat, direction, alpha_bar_t1, weight, rescale=True, 
 
 @dataclass
 class AlignmentConfig:
-    """PALP's alignment settings (see --help for the source of each default)."""
+    """PALP's alignment settings. The field defaults are the paper's method as written (D unnormalised, no warm-up);
+    the command line's defaults, and where each comes from, are in --help."""
 
     mode: str = "dds"
     guidance_scale_pretrained: float = 15.0
@@ -568,6 +645,8 @@ class AlignmentConfig:
     timestep: str = "independent"
     weighting: str = "uniform"
     rescale: bool = True
+    normalization: str = "none"
+    warmup_steps: int = 0
 
     @classmethod
     def from_args(cls, args):
@@ -580,6 +659,8 @@ class AlignmentConfig:
             timestep=args.alignment_timestep,
             weighting=args.alignment_weighting,
             rescale=args.rescale,
+            normalization=args.alignment_normalization,
+            warmup_steps=args.alignment_warmup_steps,
         )
 
 
@@ -688,6 +769,8 @@ def palp_losses(
                     prediction_type,
                 )
         direction = alignment_direction(config.mode, g_pre, g_per, noise2.float())
+        if config.normalization == "personalization":
+            direction = normalize_direction(direction, 2 * (eps_hat - noise.float()))
     weight = alignment_timestep_weight(a2, config.weighting)
     loss_align = palp_alignment_loss(eps_hat, direction, a1, weight, config.rescale, prediction_type)
     return loss_pers, loss_align
@@ -701,7 +784,7 @@ def timestep_bounds(num_train_timesteps, min_ratio, max_ratio):
     return t_min, max(t_min, t_max)
 
 
-def check_timestep_bounds(alphas_cumprod, t_bounds, num_train_timesteps):
+def check_timestep_bounds(alphas_cumprod, t_bounds, num_train_timesteps, flag="--timestep_max_ratio"):
     """x̂0 divides by √ᾱ_t1 and the rescale by ᾱ_t1: a zero-terminal-SNR schedule (ᾱ_{T-1} = 0) must not be sampled
     at its last step. Raised before training, naming the flag to lower."""
     t_min, t_max = t_bounds
@@ -709,20 +792,22 @@ def check_timestep_bounds(alphas_cumprod, t_bounds, num_train_timesteps):
         return
     usable = int(torch.nonzero(alphas_cumprod > 0).max())
     raise UserInputError(
-        f"--timestep_max_ratio reaches t={t_max}, where this model's noise schedule has ᾱ_t = 0 (a zero-terminal-SNR "
-        f"schedule): PALP's x̂0 would divide by zero. Use --timestep_max_ratio {usable / num_train_timesteps:.3f} "
+        f"{flag} reaches t={t_max}, where this model's noise schedule has ᾱ_t = 0 (a zero-terminal-SNR "
+        f"schedule): PALP's x̂0 would divide by zero. Use {flag} {usable / num_train_timesteps:.3f} "
         f"or lower (the default 0.98 is fine)."
-        + ("" if alphas_cumprod[t_min] > 0 else " Lower --timestep_min_ratio too.")
+        + ("" if alphas_cumprod[t_min] > 0 else f" Lower {flag.replace('max', 'min')} too.")
     )
 
 
-def sample_step_noise(latent_shape, t_bounds, config, generator):
-    """ε, t1, t2 and ε2 for one step, all from the step's own generator (so a resumed run draws the same)."""
+def sample_step_noise(latent_shape, t_bounds, config, generator, t2_bounds=None):
+    """ε, t1, t2 and ε2 for one step, all from the step's own generator (so a resumed run draws the same).
+    ``t2_bounds`` (default: ``t_bounds``) is the alignment branch's own range."""
     batch = latent_shape[0]
     t_min, t_max = t_bounds
+    t2_min, t2_max = t2_bounds or t_bounds
     noise = torch.randn(latent_shape, generator=generator)
     t1 = torch.randint(t_min, t_max + 1, (batch,), generator=generator)
-    t2 = torch.randint(t_min, t_max + 1, (batch,), generator=generator)
+    t2 = torch.randint(t2_min, t2_max + 1, (batch,), generator=generator)
     noise2 = torch.randn(latent_shape, generator=generator)
     if config.timestep == "same":
         t2 = t1
@@ -1382,6 +1467,10 @@ def model_card(config, image_paths, output_dir):
             "rescale",
             "timestep_min_ratio",
             "timestep_max_ratio",
+            "alignment_timestep_min_ratio",
+            "alignment_timestep_max_ratio",
+            "alignment_warmup_steps",
+            "alignment_normalization",
             "rank",
             "lora_alpha",
             "learning_rate",
@@ -1632,6 +1721,10 @@ class TrainingRun:
             self.noise_scheduler.config.num_train_timesteps, self.args.timestep_min_ratio, self.args.timestep_max_ratio
         )
 
+    @functools.cached_property
+    def t2_bounds(self):
+        return timestep_bounds(self.noise_scheduler.config.num_train_timesteps, *alignment_timestep_ratios(self.args))
+
 
 def training_step(run, micro_step):
     """One micro-batch: draw it, compute L_pers + λ·L_align, back-propagate once, step when accumulation is done."""
@@ -1641,7 +1734,7 @@ def training_step(run, micro_step):
         generator = step_generator(run.seed, accelerator.process_index, micro_step)
         seed_global_rng(run.seed, accelerator.process_index, micro_step)
         latents, personal_ids = run.sample_batch(micro_step, generator)
-        noise, t1, t2, noise2 = sample_step_noise(latents.shape, run.t_bounds, run.alignment, generator)
+        noise, t1, t2, noise2 = sample_step_noise(latents.shape, run.t_bounds, run.alignment, generator, run.t2_bounds)
         with accelerator.autocast():
             cond_personal = encode_prompts(run.text_encoder, personal_ids.to(device))
             loss_pers, loss_align = palp_losses(
@@ -1659,7 +1752,7 @@ def training_step(run, micro_step):
                 scheduler.config.prediction_type,
                 run.alignment,
             )
-        loss = loss_pers + run.alignment.weight * loss_align
+        loss = loss_pers + run.alignment.weight * alignment_ramp(run.global_step, run.alignment.warmup_steps) * loss_align
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(run.trainable, run.args.max_grad_norm)
@@ -1822,11 +1915,12 @@ def build_run(
         args, accelerator, tokenizer, tokens, class_names
     )
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    check_timestep_bounds(
-        noise_scheduler.alphas_cumprod,
-        timestep_bounds(num_train_timesteps, args.timestep_min_ratio, args.timestep_max_ratio),
-        num_train_timesteps,
-    )
+    for ratios, flag in (
+        ((args.timestep_min_ratio, args.timestep_max_ratio), "--timestep_max_ratio"),
+        (alignment_timestep_ratios(args), "--alignment_timestep_max_ratio"),
+    ):
+        bounds = timestep_bounds(num_train_timesteps, *ratios)
+        check_timestep_bounds(noise_scheduler.alphas_cumprod, bounds, num_train_timesteps, flag)
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = build_optimizer(args, lora_params, [embedding.rows], accelerator.num_processes)
     lr_scheduler = get_scheduler(

@@ -81,6 +81,16 @@ BAD_INPUTS = [
         {"--pretrained_model_name_or_path": _zero_terminal_snr_model, "--timestep_max_ratio": "1.0"},
         "--timestep_max_ratio 0.998 or lower",
     ),
+    (
+        "alignment timestep min ratio 1",
+        {"--alignment_timestep_min_ratio": "1.0", "--alignment_timestep_max_ratio": "1.0"},
+        "--alignment_timestep_min_ratio",
+    ),
+    (
+        "t2 at the last step of a zero-terminal-SNR schedule",
+        {"--pretrained_model_name_or_path": _zero_terminal_snr_model, "--alignment_timestep_max_ratio": "1.0"},
+        "--alignment_timestep_max_ratio 0.998 or lower",
+    ),
     ("negative embedding learning rate", {"--embedding_learning_rate": "-0.0001"}, "--embedding_learning_rate"),
     ("negative lora alpha", {"--lora_alpha": "-4"}, "--lora_alpha"),
     ("wandb with hub token", {"--report_to": "wandb", "--hub_token": "hf_x"}, "--hub_token"),

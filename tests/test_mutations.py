@@ -1,9 +1,10 @@
-"""Mutation check: each targeted mistake in train_palp.py's PALP code must make tests/test_palp_math.py fail.
+"""Mutation check: each targeted mistake in train_palp.py's PALP code must make the PALP math tests fail.
 
 A mutant is a list of exact text replacements, each of which must match train_palp.py exactly once. The mutated
-script is imported under a fresh module name and every test function of test_palp_math.py (all its
-parametrizations, with the same fixtures) runs against it until one fails; a mutant that survives them all is a
-mistake the math tests would let through. Tests named in ``first`` run first, which only saves time.
+script is imported under a fresh module name, and every math test (each test function of ``MATH_TEST_MODULES``, all
+its parametrizations, with the same fixtures; end-to-end tests, those that train on ``instance_dir``, are left out)
+runs against it until one fails; a mutant that survives them all is a mistake the math tests would let through.
+Tests named in ``first`` run first, which only saves time.
 
 To add a mutant (a new alignment flag, a new branch), append a ``Mutant`` to ``MUTANTS``; if no math test catches
 it, add the math test that would.
@@ -17,9 +18,13 @@ from dataclasses import dataclass
 
 import pytest
 
+import test_alignment_options
 import test_palp_math
 from conftest import REPO_ROOT
 from test_palp_math import lora_unet  # noqa: F401  (the math tests' fixture, for the runs below)
+
+MATH_TEST_MODULES = (test_palp_math, test_alignment_options)
+END_TO_END_FIXTURES = {"instance_dir"}  # a test that trains a whole run is not a math test
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,30 @@ MUTANTS = [
     Mutant("LoRA dropout left on in the personalized pass",
            (("            with lora_dropout_off(base_unet):", "            with contextlib.nullcontext():"),),
            ("test_personalized_pass_runs_without_lora_dropout",)),
+    # The options that balance the two terms (--alignment_normalization, --alignment_warmup_steps, the t2 range).
+    Mutant("D normalisation skipped",
+           (('        if config.normalization == "personalization":\n            direction = normalize_direction',
+             '        if False:\n            direction = normalize_direction'),),
+           ("test_normalized_alignment_loss_matches_a_direct_computation",)),
+    Mutant("D normalised over the whole batch instead of per sample",
+           (("    dims = tuple(range(1, direction.ndim))", "    dims = tuple(range(direction.ndim))"),),
+           ("test_normalized_direction_takes_the_reference_rms_per_sample",)),
+    Mutant("D normalised to ε̂ − ε2 instead of ε̂ − ε",
+           (("2 * (eps_hat - noise.float())", "2 * (eps_hat - noise2.float())"),),
+           ("test_palp_losses_gradient_matches_an_independent_reference",)),
+    Mutant("warm-up ramp one step ahead",
+           (("    return min(1.0, step / warmup_steps)", "    return min(1.0, (step + 1) / warmup_steps)"),),
+           ("test_alignment_ramp",)),
+    Mutant("t2 range of its own ignored",
+           (("    t2_min, t2_max = t2_bounds or t_bounds", "    t2_min, t2_max = t_bounds"),),
+           ("test_t2_range_of_its_own",)),
+    Mutant("--alignment_timestep_max_ratio ignored",
+           (("    high = args.timestep_max_ratio if args.alignment_timestep_max_ratio is None else "
+             "args.alignment_timestep_max_ratio", "    high = args.timestep_max_ratio"),),
+           ("test_t2_range_of_its_own",)),
+    Mutant("from_args drops --alignment_normalization",
+           (("normalization=args.alignment_normalization,", 'normalization="none",'),),
+           ("test_alignment_config_from_args_round_trip",)),
 ]  # fmt: skip
 
 
@@ -126,8 +155,17 @@ def parametrizations(function):
 
 
 def math_tests(first):
-    tests = [f for name, f in vars(test_palp_math).items() if name.startswith("test_") and inspect.isfunction(f)]
-    tests.sort(key=lambda f: (f.__name__ not in first, f.__code__.co_firstlineno))
+    tests = [
+        f
+        for module in MATH_TEST_MODULES
+        for name, f in vars(module).items()
+        if name.startswith("test_")
+        and inspect.isfunction(f)
+        and f.__module__ == module.__name__
+        and not END_TO_END_FIXTURES & set(inspect.signature(f).parameters)
+    ]
+    order = {module.__name__: index for index, module in enumerate(MATH_TEST_MODULES)}
+    tests.sort(key=lambda f: (f.__name__ not in first, order[f.__module__], f.__code__.co_firstlineno))
     return tests
 
 
@@ -154,13 +192,15 @@ def test_mutants_are_distinct_and_each_edit_matches_once():
     for mutant in MUTANTS:
         for old, new in mutant.edits:
             assert source.count(old) == 1 and old != new, (mutant.name, old)
-        assert all(name in vars(test_palp_math) for name in mutant.first), mutant.name
+        assert all(any(name in vars(m) for m in MATH_TEST_MODULES) for name in mutant.first), mutant.name
 
 
 @pytest.mark.parametrize("index", range(len(MUTANTS)), ids=[mutant.name for mutant in MUTANTS])
 def test_the_math_tests_catch_the_mutant(request, monkeypatch, index):
     mutant = MUTANTS[index]
-    monkeypatch.setattr(test_palp_math, "tp", mutated_module(mutant, index))
+    mutated = mutated_module(mutant, index)
+    for module in MATH_TEST_MODULES:
+        monkeypatch.setattr(module, "tp", mutated)
     caught_by = first_failure(request, mutant)
     assert caught_by is not None, f"no test of test_palp_math.py fails when train_palp.py has: {mutant.name}"
 

@@ -399,6 +399,11 @@ def _reference_losses(unet, inputs, config, prediction_type):
         g_pre = guided(cond_clean, config.guidance_scale_pretrained, False)
         other = guided(cond, config.guidance_scale_personalized, True) if config.mode == "dds" else noise2
         direction = g_pre - other
+        if config.normalization == "personalization":
+            eps_hat_ref = a1.sqrt() * out + (1 - a1).sqrt() * x_t1 if prediction_type == "v_prediction" else out
+            reference = 2 * (eps_hat_ref - noise)
+            rms = lambda x: x.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1, 1)  # noqa: E731
+            direction = direction * rms(reference) / rms(direction)
     w = (1 - a2) if config.weighting == "one_minus_alpha_bar" else torch.ones_like(a2)
     c = a1.sqrt() / (1 - a1).sqrt() if config.rescale else torch.ones_like(a1)
     if prediction_type == "v_prediction":
@@ -419,6 +424,8 @@ PALP_LOSS_CASES = {
     "one minus alpha bar": dict(weighting="one_minus_alpha_bar", rescale=False),
     "lambda 0.5, beta 1": dict(weight=0.5, guidance_scale_personalized=1.0, guidance_scale_pretrained=4.0),
     "sds": dict(mode="sds", rescale=False, noise="fresh"),
+    "normalized D": dict(normalization="personalization", rescale=False, guidance_scale_personalized=1.0),
+    "normalized D, fresh noise": dict(normalization="personalization", noise="fresh"),
 }
 
 
@@ -548,6 +555,8 @@ def test_alignment_config_from_args_round_trip(tmp_path):
         "timestep": ("--alignment_timestep", "same"),
         "weighting": ("--alignment_weighting", "one_minus_alpha_bar"),
         "rescale": ("--no-rescale", None),
+        "normalization": ("--alignment_normalization", "personalization"),
+        "warmup_steps": ("--alignment_warmup_steps", "7"),
     }
     fields = [f.name for f in dataclasses.fields(tp.AlignmentConfig)]
     assert set(fields) == set(flags), f"give every AlignmentConfig field a flag in this test: {set(fields) ^ set(flags)}"
@@ -626,3 +635,29 @@ def test_fold_lora_scale_multiplies_only_the_up_weights():
     folded = tp.fold_lora_scale(state, rank=4, alpha=8)
     assert torch.equal(folded["a.lora_A.weight"], state["a.lora_A.weight"])
     assert torch.equal(folded["a.lora_B.weight"], 2 * state["a.lora_B.weight"])
+
+
+def test_normalized_alignment_sets_the_ratio_on_a_v_models_output_too(lora_unet):
+    """With D normalised to the personalization gradient, λ is the ratio of the two pushes on the model's own output
+    for a v-prediction model as for an ε-model: the 1/ᾱ_t1 balance is what makes this hold at every t1."""
+    alphas = _alphas()
+    latents, noise, cond, cond_clean, uncond = _inputs()
+    t1, t2 = torch.tensor([30, 950]), torch.tensor([600, 300])
+    rms = lambda x: x.pow(2).flatten(1).mean(1).sqrt()  # noqa: E731
+    for prediction_type in ("epsilon", "v_prediction"):
+        captured = {}
+
+        def hook(module, args, output):
+            if output.sample.requires_grad and "out" not in captured:
+                captured["out"] = output.sample
+
+        handle = lora_unet.register_forward_hook(hook)
+        try:
+            config = tp.AlignmentConfig(normalization="personalization", weight=0.5)
+            loss_pers, loss_align = tp.palp_losses(lora_unet, lora_unet, latents, noise, t1, t2, noise, cond,
+                                                   cond_clean, uncond, alphas, prediction_type, config)  # fmt: skip
+        finally:
+            handle.remove()
+        (g_pers,) = torch.autograd.grad(loss_pers, captured["out"], retain_graph=True)
+        (g_align,) = torch.autograd.grad(config.weight * loss_align, captured["out"])
+        torch.testing.assert_close(rms(g_align) / rms(g_pers), torch.full((2,), 0.5), rtol=1e-4, atol=0)

@@ -106,6 +106,8 @@ def train_command(args, subject_name, target, out):
         "--rank", str(args.rank),
         "--guidance_scale_pretrained", str(args.guidance_scale_pretrained),
         "--guidance_scale_personalized", str(args.guidance_scale_personalized),
+        # The paper's ladder, as the paper runs it: D unnormalised (train_palp.py's own default normalises it).
+        "--alignment_normalization", "none",
         "--seed", str(args.train_seed),
         "--num_validation_images", "0",
         "--report_to", "none",

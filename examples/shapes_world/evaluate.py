@@ -30,10 +30,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def subject_for_token(token):
-    for name, subject in world.SUBJECTS.items():
+    subjects = {name: s for split, _ in world.SPLITS.values() for name, s in split.items()}
+    for name, subject in subjects.items():
         if subject["token"] == token:
             return name, subject
-    raise ValueError(f"{token!r} is not a shapes-world subject token ({[s['token'] for s in world.SUBJECTS.values()]})")
+    raise ValueError(f"{token!r} is not a shapes-world subject token ({[s['token'] for s in subjects.values()]})")
 
 
 def load_personalized(model, run_dir):
@@ -63,6 +64,9 @@ def score(preds, clean_prompt, identity):
         "prompt_alignment": float(np.mean([probe_lib.prompt_alignment(p, clean_prompt) for p in preds])),
         "subject_fidelity": float(np.mean([probe_lib.subject_fidelity(p, identity) for p in preds])),
         "identity_exact": float(np.mean([all(p[k] == identity[k] for k in probe_lib.IDENTITY) for p in preds])),
+        # Colour and pattern only: y_c asks for the class, so the base model scores it for free.
+        "appearance_fidelity": float(np.mean([(p["colour"] == identity["colour"]) + (p["pattern"] == identity["pattern"])
+                                              for p in preds]) / 2),
         "elements": per_element,
         "identity": per_identity,
     }

@@ -12,6 +12,11 @@ Train (about 25 minutes on one shared CPU core) and write ``probe/`` next to thi
 
     python examples/shapes_world/probe.py train --output_dir examples/shapes_world/probe
 
+The second probe (``probe_b/``: another seed, another augmentation, see ``augment_b``):
+
+    python examples/shapes_world/probe.py train --variant b --seed 1 --steps 1200 \
+        --output_dir examples/shapes_world/probe_b
+
 Accuracy on held-out renderings, and on the base model's samples of held-out captions:
 
     python examples/shapes_world/probe.py evaluate --model examples/shapes_world/model
@@ -130,6 +135,50 @@ def augment(x, gen):
     return x + 0.06 * torch.rand(b, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
 
 
+def _box_blur(x, factor):
+    """Area-downsample by ``factor`` and bilinear-upsample back: the softness of a lossy autoencoder."""
+    size = x.shape[-1]
+    small = F.interpolate(x, size=(size // factor, size // factor), mode="area")
+    return F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def augment_b(x, gen, pattern_labels):
+    """Probe B's augmentation (independent of ``augment``): what a tiny diffusion model's samples and a personalized
+    model's copies of its photos look like, with labels that stay honest.
+
+    - blur of three strengths: none, mild (÷2, the pattern label kept), strong (÷4: a 3-pixel check, ring or stripe
+      no longer shows, so the pattern label becomes ``plain``: the probe must report a pattern only where one is
+      visible);
+    - pale blending of the whole image towards white or mid grey (up to 35%), contrast (×0.7–1.3) and brightness
+      (±0.12) jitter: a pale or washed-out plain fill must not read as a pattern; hue is untouched (colour is a label);
+    - scale jitter (zoom 0.85–1.15 about the centre), a shift of up to 2 pixels, and Gaussian noise.
+    Returns the augmented images and the (possibly relabelled) pattern labels."""
+    b = x.shape[0]
+    x = x.clone()
+    pattern_labels = pattern_labels.clone()
+    level = torch.multinomial(torch.tensor([0.4, 0.4, 0.2]), b, replacement=True, generator=gen)
+    for lv, factor in ((1, 2), (2, 4)):
+        sel = level == lv
+        if sel.any():
+            x[sel] = _box_blur(x[sel], factor)
+    pattern_labels[level == 2] = world.ATTRIBUTES["pattern"].index("plain")
+    zoom = 0.85 + 0.3 * torch.rand(b, generator=gen)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
+    x = F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=False), mode="bilinear",
+                      padding_mode="border", align_corners=False)
+    pale = (torch.rand(b, 1, 1, 1, generator=gen) < 0.4) * 0.35 * torch.rand(b, 1, 1, 1, generator=gen)
+    target = torch.where(torch.rand(b, 1, 1, 1, generator=gen) < 0.5, torch.ones(b, 1, 1, 1), torch.zeros(b, 1, 1, 1))
+    x = (1 - pale) * x + pale * target
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = 0.7 + 0.6 * torch.rand(b, 1, 1, 1, generator=gen)
+    brightness = 0.24 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
+    x = ((x - mean) * contrast + mean + brightness).clamp(-1, 1)
+    shift = torch.randint(-2, 3, (2,), generator=gen)
+    x = torch.roll(x, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
+    return x + 0.08 * torch.rand(b, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen), pattern_labels
+
+
 def render_set(n, seed, held_out=None, cache_dir=None):
     """``n`` scenes (hidden appearances included) and their labels. ``held_out``: only (True) / never (False) the
     held-out attribute combinations; None: any. With ``cache_dir`` the rendering is stored and reused."""
@@ -165,8 +214,13 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen)
-        logits = probe(augment(x_all[idx], gen))
-        loss = sum(F.cross_entropy(logits[k], labels[k][idx]) for k in logits)
+        batch_labels = {k: v[idx] for k, v in labels.items()}
+        if args.variant == "b":
+            x, batch_labels["pattern"] = augment_b(x_all[idx], gen, batch_labels["pattern"])
+        else:
+            x = augment(x_all[idx], gen)
+        logits = probe(x)
+        loss = sum(F.cross_entropy(logits[k], batch_labels[k]) for k in logits)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -301,6 +355,11 @@ def parse_args(input_args=None):
     t.add_argument("--width", type=int, default=16, help="Channels of the first conv stage.")
     t.add_argument("--seed", type=int, default=0, help="Seed of data and initialisation.")
     t.add_argument("--num_threads", type=int, default=1, help="torch CPU threads.")
+    t.add_argument("--variant", type=str, default="a", choices=["a", "b"],
+                   help="Augmentation: 'a' (the shipped probe/: blur ÷2 and noise) or 'b' (the second probe, probe_b/:"
+                        " blur of three strengths with the pattern relabelled 'plain' where it no longer shows, pale"
+                        " blending, contrast/brightness and scale jitter; see augment_b). Train probe B with"
+                        " --variant b --seed 1 --output_dir examples/shapes_world/probe_b.")
     e = sub.add_parser("evaluate", help="Probe accuracy on the base model's samples of held-out captions.")
     e.add_argument("--model", type=str, default=str(HERE / "model"), help="The shapes-world pipeline folder.")
     e.add_argument("--probe", type=str, default=str(DEFAULT_PROBE), help="The probe folder.")

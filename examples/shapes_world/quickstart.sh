@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 OUT=${OUT:-runs/shapes_quickstart}
-STEPS=${STEPS:-100}
+STEPS=${STEPS:-200}
 # One thread per process: on a small, shared CPU, torch's default of one thread per core oversubscribes the cores
 # and can be several times slower.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

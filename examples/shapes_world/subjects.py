@@ -6,9 +6,11 @@ grey background, by day, alone. Its target prompts change that context (sketch s
 object, night) while asking for the subject.
 
     python examples/shapes_world/subjects.py --output_dir examples/shapes_world/subjects
+    python examples/shapes_world/subjects.py --split heldout --output_dir examples/shapes_world/subjects_heldout
 
 writes ``<output_dir>/<subject>/<subject>_<i>.png`` and ``<output_dir>/subjects.json`` (token, class, identity and
-the (target, clean) prompt pairs of every subject).
+the (target, clean) prompt pairs of every subject). ``--split dev`` (the default) is the development split every
+default was tuned on; ``--split heldout`` the subjects and prompts kept for the final check (PROTOCOL.md).
 """
 
 import argparse
@@ -24,14 +26,16 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Write the shapes-world subjects and their target prompts.")
     parser.add_argument("--output_dir", type=str, default=str(HERE / "subjects"), help="Where the subjects go.")
     parser.add_argument("--num_images", type=int, default=5, help="Training photos per subject (3–6 is typical).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the photos' poses.")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="Seed of the photos' poses (default: 0 for dev, 100 for heldout).")
+    parser.add_argument("--split", type=str, default="dev", choices=list(world.SPLITS), help="Which subjects.")
     return parser.parse_args(input_args)
 
 
-def subject_table():
-    """Everything a training or evaluation script needs to know about the subjects."""
+def subject_table(split="dev"):
+    """Everything a training or evaluation script needs to know about the subjects of a split."""
     table = {}
-    for name, subject in world.SUBJECTS.items():
+    for name, subject in world.SPLITS[split][0].items():
         table[name] = {
             "token": subject["token"],
             "class_name": subject["shape"],
@@ -45,10 +49,12 @@ def subject_table():
 
 def main(args):
     out = Path(args.output_dir)
-    for i, name in enumerate(world.SUBJECTS):
-        world.write_subject_images(name, out / name, n=args.num_images, seed=args.seed + i)
-    (out / "subjects.json").write_text(json.dumps(subject_table(), indent=1))
-    print(f"wrote {len(world.SUBJECTS)} subjects to {out}")
+    subjects = world.SPLITS[args.split][0]
+    seed = args.seed if args.seed is not None else {"dev": 0, "heldout": 100}[args.split]
+    for i, name in enumerate(subjects):
+        world.write_subject_images(name, out / name, n=args.num_images, seed=seed + i)
+    (out / "subjects.json").write_text(json.dumps(subject_table(args.split), indent=1))
+    print(f"wrote {len(subjects)} subjects to {out}")
 
 
 if __name__ == "__main__":

@@ -324,6 +324,40 @@ TARGET_TEMPLATES = (
 )
 
 
+# The held-out split, frozen before any tuning result on it was looked at (PROTOCOL.md): subjects and target prompts
+# that no default of the project was chosen on. The shipped SUBJECTS × TARGET_TEMPLATES are the development split.
+# Two held-out subjects lie inside the base model's support (an attribute combination it was never trained on, but of
+# colours and patterns it knows: `is_held_out` holds their training context out of pre-training), two outside it (an
+# unseen pattern, an unseen colour), as the development subjects are.
+HELDOUT_SUBJECTS = {
+    "dotted_star": {"token": "<dotted-star>", "shape": "star", "colour": "purple", "pattern": "dotted"},
+    "striped_triangle": {"token": "<striped-triangle>", "shape": "triangle", "colour": "green", "pattern": "striped"},
+    "ringed_square": {"token": "<ringed-square>", "shape": "square", "colour": "blue", "pattern": "ringed"},
+    "orange_circle": {"token": "<orange-circle>", "shape": "circle", "colour": "orange", "pattern": "dotted"},
+}
+HELDOUT_TEMPLATES = (
+    "a sketch of {} on a {yellow} background",
+    "a photo of {} on a {blue} background at night",
+    "a sketch of {} on a {white} background with a small {companion}",
+    "a photo of {} on a {green} background at night",
+    "a sketch of {} on a {blue} background with a small {companion} at night",
+    "a photo of {} on a {yellow} background with a small {companion}",
+)
+SPLITS = {"dev": (SUBJECTS, TARGET_TEMPLATES), "heldout": (HELDOUT_SUBJECTS, HELDOUT_TEMPLATES)}
+
+
+def find_subject(name):
+    """A subject of either split, by name."""
+    for subjects, _ in SPLITS.values():
+        if name in subjects:
+            return subjects[name]
+    raise KeyError(f"{name!r} is not a shapes-world subject")
+
+
+def split_of(name):
+    return next(split for split, (subjects, _) in SPLITS.items() if name in subjects)
+
+
 def companion_for(shape):
     """A companion of a different class than the subject, so the two are not confused."""
     return "circle" if shape != "circle" else "square"
@@ -336,7 +370,7 @@ def background_for(background, colour):
 
 def subject_scene(name, rng, **context):
     """A scene with the subject ``name`` in ``context`` (default: its training context), at a random pose."""
-    subject = SUBJECTS[name]
+    subject = find_subject(name)
     ctx = dict(SUBJECT_CONTEXT, **context)
     return random_scene(rng, shape=subject["shape"], colour=subject["colour"], pattern=subject["pattern"],
                         hidden=True, **ctx)
@@ -358,12 +392,12 @@ def write_subject_images(name, folder, n=5, seed=0, size=32):
 
 
 def target_prompts(name):
-    """(target prompt, clean prompt) pairs for subject ``name``."""
-    subject = SUBJECTS[name]
+    """(target prompt, clean prompt) pairs for subject ``name``: its split's templates."""
+    subject = find_subject(name)
     fill = {b: background_for(b, subject["colour"]) for b in ("blue", "yellow", "green", "white")}
     fill["companion"] = companion_for(subject["shape"])
     pairs = []
-    for template in TARGET_TEMPLATES:
+    for template in SPLITS[split_of(name)][1]:
         target = template.format(subject["token"], **fill)
         clean = template.format(f"a {subject['shape']}", **fill)
         pairs.append((target, clean))
