@@ -791,8 +791,9 @@ def prediction_type_balance(alpha_bar_t1, prediction_type):
         L_pers = mean ‖v̂ - v‖² = mean ‖ε̂ - ε‖² / ᾱ_t1     →  ∂L_pers/∂v̂  = 2(ε̂ - ε) / (√ᾱ_t1 · N)
         L_align = -w · mean(sg(D) · ε̂)                     →  ∂L_align/∂v̂ = -w · √ᾱ_t1 · D / N
 
-    Their ratio is ᾱ_t1 times the ε-model's: the alignment term would fade at high noise (~14× weaker at
-    t1 = 0.98T than at 0.02T on SD's schedule, relative to L_pers). Multiplying L_align by 1/ᾱ_t1 makes both terms
+    Their ratio is ᾱ_t1 times the ε-model's: the alignment push on v̂ shrinks with √ᾱ_t1 (13× smaller at
+    t1 = 0.98T than at 0.02T on SD's schedule) while L_pers's grows with 1/√ᾱ_t1, so relative to L_pers the alignment
+    term would be 168× weaker at 0.98T than at 0.02T. Multiplying L_align by 1/ᾱ_t1 makes both terms
     carry the same 1/√ᾱ_t1 (the v-loss's own per-timestep weight) and restores the ε-model's ratio exactly. The
     factor is taken at t1 because ε̂ (and x̂0) belong to the personalization pass at t1; t2 only shapes D.
     It applies with and without --rescale: it converts between parametrizations, the rescale is the ablation.
