@@ -641,3 +641,41 @@ def test_help_documents_every_flag():
     ):
         assert flag in parser_help, flag
     assert "(ours" in parser_help and "(paper" in parser_help
+
+
+def test_logged_loss_is_averaged_over_processes_too():
+    class TwoProcesses:
+        num_processes = 2
+
+        def reduce(self, tensor, reduction):
+            assert reduction == "mean"
+            return (tensor + torch.tensor([3.0, 5.0, 7.0])) / 2  # the other rank's step mean
+
+    steps = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 4.0, 5.0])]
+    assert tp.mean_step_losses(TwoProcesses(), steps) == [2.5, 4.0, 5.5]
+
+
+def test_a_failed_upload_does_not_leave_the_other_processes_at_the_barrier(monkeypatch):
+    """The main process meets the final barrier even when writing or uploading the outputs fails, so the other ranks
+    are released (and exit) instead of waiting there for the collective timeout."""
+    calls = []
+
+    class Accelerator:
+        is_main_process, num_processes = True, 1
+
+        def wait_for_everyone(self):
+            calls.append("barrier")
+
+        def end_training(self):
+            calls.append("end")
+
+    def failing_upload(run):
+        calls.append("save")
+        raise RuntimeError("the Hub refused the upload")
+
+    monkeypatch.setattr(tp, "train_loop", lambda run: calls.append("train"))
+    monkeypatch.setattr(tp, "save_outputs", failing_upload)
+    run = type("Run", (), {"accelerator": Accelerator(), "trainable": []})()
+    with pytest.raises(RuntimeError, match="refused"):
+        tp.train_and_save(run)
+    assert calls == ["train", "barrier", "save", "barrier"]
