@@ -299,7 +299,8 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "--timestep_max_ratio",
         type=float,
         default=0.98,
-        help="Highest t1 (and t2, unless --alignment_timestep_max_ratio) as a fraction of the schedule length T (ours).",
+        help="Highest t1 (and t2, unless --alignment_timestep_max_ratio) as a fraction of the schedule length T (ours). "
+        "Must stay below the last step of a zero-terminal-SNR schedule, where ᾱ = 0.",
     )
     palp.add_argument(
         "--alignment_timestep_min_ratio",
@@ -334,7 +335,13 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
 
     # LoRA.
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (paper: 32).")
-    parser.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha. Default: equal to --rank (ours).")
+    parser.add_argument(
+        "--lora_alpha",
+        type=int,
+        default=None,
+        help="LoRA alpha; the LoRA's scale is alpha/rank, folded into the saved up-weights. Default: equal to --rank "
+        "(ours). 0 switches the LoRA's effect off (a textual-inversion-only run).",
+    )
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA layers.")
 
     # Images.
@@ -361,7 +368,8 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "--embedding_learning_rate",
         type=float,
         default=None,
-        help="Learning rate of the placeholder embedding. Default: --learning_rate (paper).",
+        help="Learning rate of the placeholder embedding. Default: --learning_rate (paper). 0 freezes the token at "
+        "its class-noun initialisation (a LoRA-only run).",
     )
     parser.add_argument(
         "--scale_lr",
@@ -395,7 +403,9 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         help="Mixed precision; default: the accelerate config. Trainable parameters always stay in fp32.",
     )
     parser.add_argument(
-        "--gradient_checkpointing", action="store_true", help="Trade compute for memory in UNet and text encoder."
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Trade compute for memory: recompute the UNet's and the text encoder's activations in the backward pass.",
     )
     parser.add_argument(
         "--enable_xformers_memory_efficient_attention",
@@ -421,7 +431,8 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "--resume_from_checkpoint",
         type=str,
         default=None,
-        help="Resume from a checkpoint folder, or 'latest' for the newest in --output_dir.",
+        help="Resume from a checkpoint: a name in --output_dir ('checkpoint-500'), a path, or 'latest' for the newest "
+        "in --output_dir.",
     )
 
     # Validation.
@@ -482,6 +493,13 @@ def validate_training_args(args):
         raise UserInputError(f"--alignment_warmup_steps must not be negative, got {args.alignment_warmup_steps}.")
     if not 0.0 <= args.timestep_min_ratio <= args.timestep_max_ratio <= 1.0:
         raise UserInputError("--timestep_min_ratio and --timestep_max_ratio need 0 <= min <= max <= 1.")
+    if args.timestep_min_ratio >= 1.0:
+        raise UserInputError(
+            "--timestep_min_ratio 1 leaves no timestep inside the schedule (t runs from 0 to T-1): use at most 0.98."
+        )
+    for flag in ("embedding_learning_rate", "lora_alpha"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise UserInputError(f"--{flag} must not be negative, got {getattr(args, flag)}.")
     t2_min, t2_max = alignment_timestep_ratios(args)
     if not 0.0 <= t2_min <= t2_max <= 1.0:
         raise UserInputError(
@@ -492,6 +510,11 @@ def validate_training_args(args):
         raise UserInputError(
             "--alignment_timestep same reuses t1 as t2, so a separate t2 range does not apply: drop "
             "--alignment_timestep_min_ratio / --alignment_timestep_max_ratio, or use --alignment_timestep independent."
+        )
+    if t2_min >= 1.0:
+        raise UserInputError(
+            "--alignment_timestep_min_ratio 1 leaves no timestep inside the schedule (t runs from 0 to T-1): use at "
+            "most 0.98."
         )
     if args.validation_steps is not None and args.validation_steps <= 0:
         raise UserInputError("--validation_steps must be a positive integer.")
@@ -769,6 +792,29 @@ def alignment_timestep_weight(alpha_bar_t2, weighting):
     raise ValueError(f"Unknown alignment weighting {weighting!r}")
 
 
+# Copied from train_palp.prediction_type_balance
+def prediction_type_balance(alpha_bar_t1, prediction_type):
+    """The factor that gives a v-prediction model the per-timestep balance of L_pers and L_align of an ε-model.
+
+    The paper's rescale makes the alignment push on the model's output uniform across t1 *for an ε-model*: on the
+    output ε̂, ∂L_pers/∂ε̂ = 2(ε̂ - ε)/N and ∂L_align/∂ε̂ = -w·D/N, so their ratio does not depend on t1.
+    A v-prediction model outputs v̂, with ε̂ = √ᾱ_t1 · v̂ + √(1-ᾱ_t1) · x_t1, hence ε̂ - ε = √ᾱ_t1 · (v̂ - v):
+
+        L_pers = mean ‖v̂ - v‖² = mean ‖ε̂ - ε‖² / ᾱ_t1     →  ∂L_pers/∂v̂  = 2(ε̂ - ε) / (√ᾱ_t1 · N)
+        L_align = -w · mean(sg(D) · ε̂)                     →  ∂L_align/∂v̂ = -w · √ᾱ_t1 · D / N
+
+    Their ratio is ᾱ_t1 times the ε-model's: the alignment push on v̂ shrinks with √ᾱ_t1 (13× smaller at
+    t1 = 0.98T than at 0.02T on SD's schedule) while L_pers's grows with 1/√ᾱ_t1, so relative to L_pers the alignment
+    term would be 168× weaker at 0.98T than at 0.02T. Multiplying L_align by 1/ᾱ_t1 makes both terms
+    carry the same 1/√ᾱ_t1 (the v-loss's own per-timestep weight) and restores the ε-model's ratio exactly. The
+    factor is taken at t1 because ε̂ (and x̂0) belong to the personalization pass at t1; t2 only shapes D.
+    It applies with and without --rescale: it converts between parametrizations, the rescale is the ablation.
+    """
+    if prediction_type == "v_prediction":
+        return 1.0 / alpha_bar_t1
+    return torch.ones_like(alpha_bar_t1)
+
+
 # Copied from train_palp.normalize_direction
 def normalize_direction(direction, reference):
     """D rescaled per sample to the RMS of ``reference`` (the personalization gradient 2(ε̂ − ε) on ε̂).
@@ -793,7 +839,7 @@ def alignment_ramp(step, warmup_steps):
 
 
 # Copied from train_palp.palp_alignment_loss
-def palp_alignment_loss(eps_hat, direction, alpha_bar_t1, weight, rescale=True):
+def palp_alignment_loss(eps_hat, direction, alpha_bar_t1, weight, rescale=True, prediction_type="epsilon"):
     """L_align = -w(t2) · mean(sg(D) · ε̂), PALP's surrogate for the DDS gradient.
 
     The DDS gradient on the sample is D, applied through x̂0:
@@ -802,9 +848,10 @@ def palp_alignment_loss(eps_hat, direction, alpha_bar_t1, weight, rescale=True):
     ∇_θ = -D · ∂ε̂/∂θ, the gradient of -⟨sg(D), ε̂⟩. Descent moves ε̂ along +D, hence x̂0 along -D: towards the
     pre-trained model's picture of the clean prompt, away from the personalized model's habit. Without the rescale
     the factor √(1-ᾱ_t1)/√ᾱ_t1 stays in. Only ε̂ carries a gradient: D is detached here whatever the caller passed.
+    A v-prediction model gets the extra factor 1/ᾱ_t1 of :func:`prediction_type_balance`.
     """
     eps_hat = eps_hat.float()
-    scale = weight.float()
+    scale = weight.float() * prediction_type_balance(alpha_bar_t1.float(), prediction_type)
     if not rescale:
         scale = scale * ((1 - alpha_bar_t1) / alpha_bar_t1).sqrt().float()
     per_sample = (direction.detach().float() * eps_hat).flatten(1).mean(dim=1)
@@ -842,6 +889,22 @@ class AlignmentConfig:
             normalization=args.alignment_normalization,
             warmup_steps=args.alignment_warmup_steps,
         )
+
+
+# Copied from train_palp.lora_dropout_off
+@contextlib.contextmanager
+def lora_dropout_off(unet):
+    """The gradient-free personalized pass must see the personalized model, not a random thinning of its LoRA:
+    LoRA dropout (``--lora_dropout``) belongs to the training pass only. Only the dropout modules change mode, on the
+    unwrapped module (DDP keeps no state about them), and they come back as they were."""
+    dropouts = [m for name, m in unet.named_modules() if ".lora_dropout." in f".{name}." and m.training]
+    for module in dropouts:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module in dropouts:
+            module.train()
 
 
 # Copied from train_palp.lora_disabled
@@ -983,30 +1046,49 @@ def palp_losses(
             )
         g_per = None
         if config.mode == "dds":
-            # g_per = ε^β of the personalized model on [y_P, ∅] (only y_P when β = 1).
-            g_per = guided_epsilon(
-                base_unet,
-                x_t2,
-                t2,
-                cond_personal.for_alignment(),
-                uncond,
-                config.guidance_scale_personalized,
-                a2,
-                prediction_type,
-            )
+            # g_per = ε^β of the personalized model on [y_P, ∅] (only y_P when β = 1), without LoRA dropout.
+            with lora_dropout_off(base_unet):
+                g_per = guided_epsilon(
+                    base_unet,
+                    x_t2,
+                    t2,
+                    cond_personal.for_alignment(),
+                    uncond,
+                    config.guidance_scale_personalized,
+                    a2,
+                    prediction_type,
+                )
         direction = alignment_direction(config.mode, g_pre, g_per, noise2.float())
         if config.normalization == "personalization":
             direction = normalize_direction(direction, 2 * (eps_hat - noise.float()))
     weight = alignment_timestep_weight(a2, config.weighting)
-    loss_align = palp_alignment_loss(eps_hat, direction, a1, weight, config.rescale)
+    loss_align = palp_alignment_loss(eps_hat, direction, a1, weight, config.rescale, prediction_type)
     return loss_pers, loss_align
 
 
 # Copied from train_palp.timestep_bounds
 def timestep_bounds(num_train_timesteps, min_ratio, max_ratio):
-    t_min = int(round(min_ratio * num_train_timesteps))
-    t_max = min(int(round(max_ratio * num_train_timesteps)), num_train_timesteps - 1)
+    """[t_min, t_max] of t1 and t2, both inside the schedule's indices 0 … T-1."""
+    last = num_train_timesteps - 1
+    t_min = min(int(round(min_ratio * num_train_timesteps)), last)
+    t_max = min(int(round(max_ratio * num_train_timesteps)), last)
     return t_min, max(t_min, t_max)
+
+
+# Copied from train_palp.check_timestep_bounds
+def check_timestep_bounds(alphas_cumprod, t_bounds, num_train_timesteps, flag="--timestep_max_ratio"):
+    """x̂0 divides by √ᾱ_t1 and the rescale by ᾱ_t1: a zero-terminal-SNR schedule (ᾱ_{T-1} = 0) must not be sampled
+    at its last step. Raised before training, naming the flag to lower."""
+    t_min, t_max = t_bounds
+    if alphas_cumprod[t_max] > 0:
+        return
+    usable = int(torch.nonzero(alphas_cumprod > 0).max())
+    raise UserInputError(
+        f"{flag} reaches t={t_max}, where this model's noise schedule has ᾱ_t = 0 (a zero-terminal-SNR "
+        f"schedule): PALP's x̂0 would divide by zero. Use {flag} {usable / num_train_timesteps:.3f} "
+        f"or lower (the default 0.98 is fine)."
+        + ("" if alphas_cumprod[t_min] > 0 else f" Lower {flag.replace('max', 'min')} too.")
+    )
 
 
 # Copied from train_palp.sample_step_noise
@@ -1370,6 +1452,14 @@ def step_generator(seed, rank, micro_step):
     return torch.Generator().manual_seed(int(state))
 
 
+# Copied from train_palp.seed_global_rng
+def seed_global_rng(seed, rank, micro_step):
+    """LoRA dropout draws from torch's global RNG, which no checkpoint holds: seeding it per micro-step from
+    (seed, rank, step) makes a resumed --lora_dropout run draw the same masks as the uninterrupted one."""
+    state = np.random.SeedSequence([seed, rank, micro_step, 1]).generate_state(1)[0]
+    torch.manual_seed(int(state))
+
+
 # Copied from train_palp.batch_indices
 def batch_indices(num_images, batch_size, micro_step, seed, rank, world_size):
     """Image indices of one rank's micro-batch: epochs are seeded permutations of the images, consumed in order,
@@ -1536,6 +1626,12 @@ def add_lora(unet, rank, alpha, dropout):
     return config
 
 
+# Copied from train_palp.resolved_lora_alpha
+def resolved_lora_alpha(args):
+    """--lora_alpha, or --rank when it is left out; 0 is kept (it switches the LoRA's effect off)."""
+    return args.rank if args.lora_alpha is None else args.lora_alpha
+
+
 # Copied from train_palp.weight_dtype_for
 def weight_dtype_for(mixed_precision):
     # Keyed on accelerator.mixed_precision, so a precision chosen with `accelerate config` counts too.
@@ -1546,7 +1642,9 @@ def weight_dtype_for(mixed_precision):
 def build_optimizer(args, lora_params, embedding_params, num_processes):
     scale = args.train_batch_size * args.gradient_accumulation_steps * num_processes if args.scale_lr else 1
     lr = args.learning_rate * scale
-    embedding_lr = (args.embedding_learning_rate or args.learning_rate) * scale
+    # 0 is a real choice (a frozen token: the LoRA-only baseline), so only None falls back to --learning_rate.
+    embedding_lr = args.learning_rate if args.embedding_learning_rate is None else args.embedding_learning_rate
+    embedding_lr = embedding_lr * scale
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -1572,11 +1670,27 @@ def lora_state_dict(unet):
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
 
 
+# Copied from train_palp.fold_lora_scale
+def fold_lora_scale(peft_state, rank, alpha):
+    """The LoRA's scale alpha/rank multiplied into its up-weights (lora_B): with alpha = rank recorded, every loader
+    applies the same ΔW = (alpha/rank)·B·A, including those that ignore the file's metadata and assume alpha = rank
+    (older diffusers, ComfyUI and WebUI reading the diffusers file)."""
+    scale = alpha / rank
+    return {k: (v * scale if ".lora_B." in k else v).contiguous() for k, v in peft_state.items()}
+
+
 # Copied from train_palp.save_lora
-def save_lora(output_dir, unet, lora_config, kohya=True, pipeline_class=StableDiffusionPipeline):
-    """``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` and, optionally, a kohya/WebUI copy."""
+def save_lora(output_dir, unet, lora_config, kohya=True, fold_scale=True, pipeline_class=StableDiffusionPipeline):
+    """``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` and, optionally, a kohya/WebUI copy.
+
+    Outputs carry the scale folded into the up-weights (alpha = rank in the metadata and the kohya ``.alpha``
+    entries); checkpoints keep the raw weights and the true alpha (``fold_scale=False``), so a resume is bit-exact.
+    """
     peft_state = lora_state_dict(unet)
-    metadata = {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "target_modules": LORA_TARGET_MODULES}
+    alpha = lora_config.lora_alpha
+    if fold_scale:
+        peft_state, alpha = fold_lora_scale(peft_state, lora_config.r, lora_config.lora_alpha), lora_config.r
+    metadata = {"r": lora_config.r, "lora_alpha": alpha, "target_modules": LORA_TARGET_MODULES}
     pipeline_class.save_lora_weights(
         output_dir,
         unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
@@ -1585,17 +1699,16 @@ def save_lora(output_dir, unet, lora_config, kohya=True, pipeline_class=StableDi
     )
     if kohya:
         kohya_state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()})
-        # The converter writes alpha = rank; the true alpha keeps the LoRA's scale in WebUI/ComfyUI.
         kohya_state = {
-            k: torch.tensor(float(lora_config.lora_alpha)) if k.endswith(".alpha") else v.contiguous()
-            for k, v in kohya_state.items()
+            k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya_state.items()
         }
         save_file(kohya_state, os.path.join(output_dir, KOHYA_LORA_NAME))
 
 
 # Copied from train_palp.load_lora
 def load_lora(unet, folder):
-    """Load a LoRA saved by :func:`save_lora` into the UNet's existing adapter."""
+    """Load a checkpoint's LoRA (raw weights, saved by :func:`save_lora` with ``fold_scale=False``) into the UNet's
+    existing adapter, whose alpha is the run's own."""
     state = load_file(os.path.join(folder, LORA_NAME))
     state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
     result = set_peft_model_state_dict(unet, state, adapter_name="default")
@@ -1688,7 +1801,7 @@ def save_checkpoint(
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_lora(tmp, unet, lora_config, kohya=False, pipeline_class=conditioner.pipeline_class)
+    save_lora(tmp, unet, lora_config, kohya=False, fold_scale=False, pipeline_class=conditioner.pipeline_class)
     save_embeddings(tmp, tokens, conditioner)
     state = {
         "global_step": step,
@@ -1709,9 +1822,15 @@ def resolve_checkpoint(output_dir, resume_from_checkpoint):
     if resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
+    # A bare name ('checkpoint-500') lives in --output_dir, as in diffusers' scripts; a path is taken as given.
     path = Path(resume_from_checkpoint)
+    if len(path.parts) == 1 and (Path(output_dir) / path).is_dir():
+        path = Path(output_dir) / path
     if not path.is_dir():
-        raise UserInputError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder.")
+        raise UserInputError(
+            f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder (neither a path nor a "
+            f"folder of --output_dir {str(output_dir)!r}); 'latest' picks the newest one there."
+        )
     return path
 
 
@@ -1857,28 +1976,19 @@ def model_card(config, image_paths, output_dir, conditioner):
         )
     )
     tokens = ", ".join(f"`{s['placeholder_token']}`" for s in subjects)
-    return f"""---
-base_model: {config["pretrained_model_name_or_path"]}
-library_name: diffusers
-license: other
-tags:
-- text-to-image
-- diffusers
-- lora
-- textual-inversion
-- palp
-- stable-diffusion
-instance_prompt: {json.dumps(config["target_prompt"])}
----
+    hub_id = hub_base_model(config["pretrained_model_name_or_path"])
+    base = hub_id or Path(config["pretrained_model_name_or_path"]).name  # a local path stays off the card
+    metadata = card_metadata(hub_id, config["target_prompt"])
+    return f"""{metadata}
 
 # PALP multi-subject personalization: {tokens}
 
 One LoRA and {len(subjects)} textual-inversion embedding(s) trained together with PALP (Prompt Aligned
-Personalization, Arar et al., 2024) on `{config["pretrained_model_name_or_path"]}` for one target prompt.
+Personalization, Arar et al., 2024) on `{base}` for one target prompt.
 
 - Target prompt: `{config["target_prompt"]}`
 - Clean prompt (pre-trained model's view, y_c): `{config["clean_prompt_resolved"]}`
-- Base model: `{config["pretrained_model_name_or_path"]}`
+- Base model: `{base}`
 
 | token | class | images | personalization prompt (y_P) | embedding file |
 |---|---|---|---|---|
@@ -1890,13 +2000,13 @@ Personalization, Arar et al., 2024) on `{config["pretrained_model_name_or_path"]
 import torch
 from diffusers import {pipeline_name}
 {conditioner.load_imports}
-pipe = {pipeline_name}.from_pretrained("{config["pretrained_model_name_or_path"]}", torch_dtype=torch.float16).to("cuda")
+pipe = {pipeline_name}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("{repo}")
 {loads}
 image = pipe("{config["target_prompt"]}").images[0]
 ```
 
-`{KOHYA_LORA_NAME}` is the same LoRA for AUTOMATIC1111 / ComfyUI; each embedding file holds one token.
+{webui_usage(config["target_prompt"], [s["placeholder_token"] for s in subjects], single)}
 
 ## Training settings
 
@@ -1910,6 +2020,97 @@ image = pipe("{config["target_prompt"]}").images[0]
 """
 
 
+# Copied from train_palp.hub_base_model
+def hub_base_model(name_or_path):
+    """The Hub id of the base model, or None: the card's ``base_model`` must be a repo id, never a local path (the Hub
+    rejects the upload otherwise). A local folder gives the id it records: a Hub-cache snapshot
+    (``…/models--owner--name/snapshots/…``) or a ``_name_or_path`` in its configs."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    def repo_id(text):
+        if not isinstance(text, str) or text.count("/") != 1 or Path(text).expanduser().exists():
+            return None
+        try:
+            validate_repo_id(text)
+        except HFValidationError:
+            return None
+        return text
+
+    folder = Path(name_or_path).expanduser()
+    if not folder.exists():
+        return repo_id(name_or_path)
+    for part in folder.resolve().parts:
+        match = re.fullmatch(r"models--([^/]+?)--(.+)", part)
+        if match and repo_id(f"{match[1]}/{match[2]}"):
+            return f"{match[1]}/{match[2]}"
+    for name in ("model_index.json", "unet/config.json", "text_encoder/config.json"):
+        try:
+            recorded = json.loads((folder / name).read_text()).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if repo_id(recorded):
+            return recorded
+    return None
+
+
+# Copied from train_palp.card_metadata
+def card_metadata(base_model, instance_prompt):
+    """The model card's YAML header, written by huggingface_hub's own card classes so the Hub accepts it."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="diffusers",
+        license="other",
+        tags=["text-to-image", "diffusers", "lora", "textual-inversion", "palp", "stable-diffusion"],
+        instance_prompt=instance_prompt,
+    )
+    return f"---\n{data.to_yaml()}\n---"
+
+
+# Copied from train_palp.webui_usage
+def webui_usage(target_prompt, tokens, single):
+    """How to write each token in AUTOMATIC1111 and ComfyUI: both name an embedding after its file, not after the
+    token stored inside, so the trigger word there is the file's name."""
+    names = {token: Path(embedding_file_name(token, single)).stem for token in tokens}
+    a1111, comfy = target_prompt, target_prompt
+    for token, name in names.items():
+        a1111, comfy = a1111.replace(token, name), comfy.replace(token, f"embedding:{name}")
+    files = ", ".join(f"`{name}.safetensors` for `{token}`" for token, name in names.items())
+    return f"""## Use it in AUTOMATIC1111 / ComfyUI
+
+Both name a textual-inversion embedding after its **file**, so the word to type is the file's name, not the
+token: {files}.
+
+- AUTOMATIC1111: copy `{KOHYA_LORA_NAME}` to `models/Lora/` and the embedding file(s) to `embeddings/`, then prompt
+  `{a1111} <lora:{Path(KOHYA_LORA_NAME).stem}:1>`.
+- ComfyUI: copy `{KOHYA_LORA_NAME}` to `models/loras/` (load it with a LoraLoader node) and the embedding file(s)
+  to `models/embeddings/`, then prompt `{comfy}`.
+
+Renaming an embedding file renames its trigger word in both."""
+
+
+# Copied from train_palp.shareable_config
+def shareable_config(config):
+    """training_config.json as uploaded: a local path becomes its last component (the folder name), so nothing of
+    the training machine's file system is published; the base model becomes its Hub id where one is known."""
+
+    def share(value):
+        if isinstance(value, dict):
+            return {k: share(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [share(v) for v in value]
+        if isinstance(value, str) and value and (os.path.isabs(value) or os.path.exists(value)):
+            return Path(value).name
+        return value
+
+    shared = share(config)
+    base = config.get("pretrained_model_name_or_path")
+    if base is not None:
+        shared["pretrained_model_name_or_path"] = hub_base_model(base) or share(base)
+    return shared
+
+
 # Copied from train_palp.create_hub_repo
 def create_hub_repo(args):
     """Create (or find) the Hub repo before training, so a bad token or name fails in seconds, not after it."""
@@ -1918,18 +2119,35 @@ def create_hub_repo(args):
     return create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token).repo_id
 
 
-# Copied from train_palp.push_to_hub
-def push_to_hub(output_dir, repo_id, token):
-    """Upload the folder without checkpoints, optimizer states, logs or partial files."""
-    from huggingface_hub import upload_folder
+# Copied from train_palp.hub_ignore_patterns
+def hub_ignore_patterns(output_dir, logging_dir):
+    """What never goes to the Hub: checkpoints (optimizer states), partial files and the tracker logs, wherever
+    --logging_dir put them inside --output_dir."""
+    patterns = ["checkpoint-*", ".checkpoint-*", "*.tmp", "*events.out.tfevents*", "wandb/*"]
+    logs = Path(output_dir, logging_dir).resolve()
+    if logs.is_relative_to(Path(output_dir).resolve()) and logs != Path(output_dir).resolve():
+        patterns.append(f"{logs.relative_to(Path(output_dir).resolve()).as_posix()}/*")
+    return patterns
 
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=output_dir,
-        commit_message="PALP personalization",
-        ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".checkpoint-*", ".checkpoint-*/**", "*.tmp", "logs/**"],
-        token=token,
-    )
+
+# Copied from train_palp.push_to_hub
+def push_to_hub(output_dir, repo_id, token, config, logging_dir):
+    """Upload the outputs in one commit, from a staging copy: without checkpoints, logs or partial files, and with a
+    training_config.json that holds no local path (:func:`shareable_config`)."""
+    import tempfile
+
+    from huggingface_hub import upload_folder
+    from huggingface_hub.utils import filter_repo_objects
+
+    output_dir = Path(output_dir)
+    files = [p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file()]
+    files = filter_repo_objects(files, ignore_patterns=hub_ignore_patterns(output_dir, logging_dir) + [CONFIG_NAME])
+    with tempfile.TemporaryDirectory(prefix="palp-upload-") as staging:
+        for name in files:
+            Path(staging, name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(output_dir / name, Path(staging, name))
+        Path(staging, CONFIG_NAME).write_text(json.dumps(shareable_config(config), indent=2, default=str))
+        upload_folder(repo_id=repo_id, folder_path=staging, commit_message="PALP personalization", token=token)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2045,7 +2263,7 @@ def prepare_models(args, accelerator, conditioner, tokens, class_names):
     vae.to(accelerator.device, dtype=torch.float32 if vae.config.force_upcast else weight_dtype)
     for model in (unet, *conditioner.text_encoders):
         model.to(accelerator.device, dtype=weight_dtype)
-    lora_config = add_lora(unet, args.rank, args.lora_alpha or args.rank, args.lora_dropout)
+    lora_config = add_lora(unet, args.rank, resolved_lora_alpha(args), args.lora_dropout)
     # Mixed precision computes in fp16/bf16, but what trains (LoRA, the token rows) is stored in fp32.
     cast_training_params([unet, *conditioner.text_encoders], dtype=torch.float32)
     if args.gradient_checkpointing:
@@ -2093,6 +2311,11 @@ class TrainingRun:
         return [self.accelerator.unwrap_model(encoder) for encoder in self.conditioner.text_encoders]
 
     @property
+    def base_text_encoder(self):
+        """The first text encoder, unwrapped (SDXL's second one is ``base_text_encoders[1]``)."""
+        return self.base_text_encoders[0]
+
+    @property
     def embedding(self):
         """The first text encoder's placeholder rows (SDXL has a second one in ``conditioner.embeddings``)."""
         return self.conditioner.embeddings[0]
@@ -2129,6 +2352,7 @@ def training_step(run, micro_step):
     device = accelerator.device
     with accelerator.accumulate(run.unet, *run.conditioner.text_encoders):
         generator = step_generator(run.seed, accelerator.process_index, micro_step)
+        seed_global_rng(run.seed, accelerator.process_index, micro_step)
         latents, geometry, personal_ids = run.sample_batch(micro_step, generator)
         noise, t1, t2, noise2 = sample_step_noise(latents.shape, run.t_bounds, run.alignment, generator, run.t2_bounds)
         with accelerator.autocast():
@@ -2169,17 +2393,19 @@ def train_loop(run):
         disable=not accelerator.is_local_main_process,
     )
     micro_step = run.global_step * args.gradient_accumulation_steps
-    run.unet.train()
+    set_training_mode(run)
+    step_losses = []
     with StopRequest().installed() as stop:
         while run.global_step < args.max_train_steps:
-            loss, loss_pers, loss_align = training_step(run, micro_step)
+            losses = training_step(run, micro_step)
+            step_losses.append(torch.stack([value.detach().float() for value in losses]))
             micro_step += 1
             if not accelerator.sync_gradients:
                 continue
             run.global_step += 1
             progress.update(1)
-            # One device→host copy for the three numbers (each .item() would synchronise on its own).
-            values = torch.stack([loss.detach(), loss_pers.detach(), loss_align.detach()]).float().tolist()
+            values = mean_step_losses(accelerator, step_losses)
+            step_losses = []
             logs = dict(zip(("loss", "loss_pers", "loss_align"), values), lr=run.lr_scheduler.get_last_lr()[0])
             if not math.isfinite(logs["loss"]):
                 raise FloatingPointError(
@@ -2220,13 +2446,36 @@ def train_loop(run):
                 and accelerator.is_main_process
             ):
                 validate(run, f"step-{run.global_step}")
-                run.unet.train()
+                set_training_mode(run)
+
+
+# Copied from train_palp.mean_step_losses
+def mean_step_losses(accelerator, step_losses):
+    """(loss, L_pers, L_align) of one optimizer step: the mean over its accumulation micro-steps and over the
+    processes, as the gradient averages them; one device→host copy for the three numbers."""
+    mean = torch.stack(step_losses).mean(dim=0)
+    if accelerator.num_processes > 1:
+        mean = accelerator.reduce(mean, reduction="mean")
+    return mean.tolist()
+
+
+# Copied from train_palp.set_training_mode
+def set_training_mode(run):
+    """The UNet trains; with --gradient_checkpointing the text encoder is put in training mode too, because
+    transformers checkpoints a module only while it is training (CLIP's text encoders have no active dropout, so
+    nothing else changes)."""
+    run.unet.train()
+    if run.args.gradient_checkpointing:
+        for encoder in run.conditioner.text_encoders:
+            encoder.train()
 
 
 # Copied from train_palp.validate
 def validate(run, name):
     args = run.args
     run.base_unet.eval()
+    for encoder in run.base_text_encoders:
+        encoder.eval()
     scheduler = DPMSolverMultistepScheduler.from_config(run.noise_scheduler.config)
     images = generate_images(
         run.conditioner.pipeline(run.vae, run.base_unet, scheduler, run.base_text_encoders),
@@ -2256,7 +2505,7 @@ def save_outputs(run):
     )
     logger.info(f"Saved the LoRA and the embedding to {args.output_dir}")
     if args.push_to_hub:
-        push_to_hub(args.output_dir, run.hub_repo_id, args.hub_token)
+        push_to_hub(args.output_dir, run.hub_repo_id, args.hub_token, run.config, args.logging_dir)
         logger.info(f"Uploaded to https://huggingface.co/{run.hub_repo_id}")
 
 
@@ -2285,6 +2534,13 @@ def build_run(
     vae, unet, noise_scheduler, lora_config, weight_dtype = prepare_models(
         args, accelerator, conditioner, tokens, class_names
     )
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    for ratios, flag in (
+        ((args.timestep_min_ratio, args.timestep_max_ratio), "--timestep_max_ratio"),
+        (alignment_timestep_ratios(args), "--alignment_timestep_max_ratio"),
+    ):
+        bounds = timestep_bounds(num_train_timesteps, *ratios)
+        check_timestep_bounds(noise_scheduler.alphas_cumprod, bounds, num_train_timesteps, flag)
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = build_optimizer(args, lora_params, conditioner.trainable_rows, accelerator.num_processes)
     lr_scheduler = get_scheduler(
@@ -2367,7 +2623,7 @@ def main(args):
         ],
         clean_prompt_resolved=args.clean_prompt,
         validation_prompt_resolved=args.validation_prompt or args.target_prompt,
-        lora_alpha=args.lora_alpha or args.rank,
+        lora_alpha=resolved_lora_alpha(args),
         pipeline_class=conditioner.pipeline_class.__name__,
     )
 
@@ -2406,11 +2662,14 @@ def train_and_save(run):
     train_loop(run)
     run.accelerator.wait_for_everyone()
     check_replicas_in_sync(run.accelerator, run.trainable)
-    if run.accelerator.is_main_process:
-        save_outputs(run)
-    # Every rank leaves together: a rank that tears its process group down while the main one is still writing the
-    # outputs can leave the main one blocked in its own teardown.
-    run.accelerator.wait_for_everyone()
+    try:
+        if run.accelerator.is_main_process:
+            save_outputs(run)
+    finally:
+        # Every rank leaves together: a rank that tears its process group down while the main one is still writing
+        # the outputs can leave the main one blocked in its own teardown, and a failed upload on the main one must
+        # not leave the others waiting here.
+        run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
 
 

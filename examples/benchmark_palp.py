@@ -449,6 +449,8 @@ def build_run(accelerator, models, resolution, batch_size, alignment, weight_dty
         max_grad_norm=1.0,
         timestep_min_ratio=0.02,
         timestep_max_ratio=0.98,
+        alignment_timestep_min_ratio=None,  # t2 follows t1's range, as on the command line by default
+        alignment_timestep_max_ratio=None,
     )
     lora_params = [p for p in models.unet.parameters() if p.requires_grad]
     optimizer = tp.build_optimizer(

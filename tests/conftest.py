@@ -5,13 +5,20 @@ and merges are generated on the spot, so prompts tokenize exactly as they would 
 vocabulary become one token, anything else falls back to bytes).
 """
 
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# Before anything imports huggingface_hub, transformers or datasets: they read these once, at import time. Any
+# accidental Hub access then fails loudly instead of hanging on the closed network.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_name] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -296,12 +303,3 @@ def reset_accelerate_state():
 def fresh_accelerate_state():
     yield
     reset_accelerate_state()
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    # Any accidental Hub access fails loudly instead of hanging on the closed network.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("WANDB_MODE", "disabled")

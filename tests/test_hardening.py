@@ -35,6 +35,21 @@ def _no_model(tmp_path):
     return str(tmp_path / "missing-model")
 
 
+def _zero_terminal_snr_model(tmp_path):
+    """The tiny model with a zero-terminal-SNR schedule (ᾱ_{T-1} = 0), as SD 2.x fine-tunes ship it."""
+    import json
+
+    from conftest import build_tiny_sd
+
+    path = tmp_path / "zero-snr"
+    build_tiny_sd(path)
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    config_file.write_text(json.dumps(config))
+    return str(path)
+
+
 # (id, how to change the arguments, text the error must contain)
 BAD_INPUTS = [
     ("missing folder", {"--instance_data_dir": lambda p: str(p / "nope")}, "--instance_data_dir"),
@@ -60,6 +75,24 @@ BAD_INPUTS = [
         {"--timestep_min_ratio": "0.9", "--timestep_max_ratio": "0.1"},
         "--timestep_min_ratio",
     ),
+    ("timestep min ratio 1", {"--timestep_min_ratio": "1.0", "--timestep_max_ratio": "1.0"}, "--timestep_min_ratio"),
+    (
+        "last step of a zero-terminal-SNR schedule",
+        {"--pretrained_model_name_or_path": _zero_terminal_snr_model, "--timestep_max_ratio": "1.0"},
+        "--timestep_max_ratio 0.998 or lower",
+    ),
+    (
+        "alignment timestep min ratio 1",
+        {"--alignment_timestep_min_ratio": "1.0", "--alignment_timestep_max_ratio": "1.0"},
+        "--alignment_timestep_min_ratio",
+    ),
+    (
+        "t2 at the last step of a zero-terminal-SNR schedule",
+        {"--pretrained_model_name_or_path": _zero_terminal_snr_model, "--alignment_timestep_max_ratio": "1.0"},
+        "--alignment_timestep_max_ratio 0.998 or lower",
+    ),
+    ("negative embedding learning rate", {"--embedding_learning_rate": "-0.0001"}, "--embedding_learning_rate"),
+    ("negative lora alpha", {"--lora_alpha": "-4"}, "--lora_alpha"),
     ("wandb with hub token", {"--report_to": "wandb", "--hub_token": "hf_x"}, "--hub_token"),
     ("empty class", {"--class_name": " "}, "--class_name"),
     (
@@ -121,12 +154,13 @@ def test_signal_saves_a_checkpoint_and_resume_matches_uninterrupted(tiny_sd_path
         return result
 
     monkeypatch.setattr(tp, "training_step", step_then_signal)
+    handlers_before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     stopped = tmp_path / "stopped"
     with pytest.raises(SystemExit, match="Stopped by a signal at step 2"):
         train(tiny_sd_path, instance_dir, stopped, *common)
     assert (stopped / "checkpoint-2" / "training_state.json").is_file()
     assert not (stopped / "pytorch_lora_weights.safetensors").exists()
-    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored (not left as the training one)
+    assert {sig: signal.getsignal(sig) for sig in handlers_before} == handlers_before  # the training one is gone
     monkeypatch.setattr(tp, "training_step", original_step)
 
     reset_accelerate_state()
@@ -239,3 +273,10 @@ def test_everything_written_is_safetensors_json_or_images(tiny_sd_path, instance
     for path in out.rglob("*.safetensors"):
         load_file(path)  # every file loads without pickle
     assert torch.is_tensor(load_file(out / "checkpoint-2" / "optimizer.safetensors")["0.exp_avg"])
+
+
+def test_the_hub_client_is_offline_for_the_whole_suite():
+    """conftest sets HF_HUB_OFFLINE before huggingface_hub is imported; the library reads it only then."""
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True

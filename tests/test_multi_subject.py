@@ -375,3 +375,41 @@ def test_art_inspiration_example_runs_with_accelerate_launch(tiny_sd_path, tmp_p
     assert [os.path.relpath(s["instance_data_dir"], EXAMPLE) for s in subjects] == ["stand_in/cat", "stand_in/artwork"]
     for name in ("learned_embeds_my-cat.safetensors", "learned_embeds_wanderer.safetensors", "README.md"):
         assert (out / name).is_file(), name
+
+
+def test_two_subject_run_resumes_to_the_uninterrupted_result(tiny_sd_path, tmp_path, subject_dirs):
+    flags = ["--num_validation_images", "0", "--checkpointing_steps", "2", "--lora_dropout", "0.2"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    tpm.main(tpm.parse_args(subject_flags(*subject_dirs) + common_flags(tiny_sd_path, full) + flags))
+    from conftest import reset_accelerate_state as reset
+    reset()
+    tpm.main(tpm.parse_args(subject_flags(*subject_dirs) + common_flags(tiny_sd_path, resumed) + flags
+                            + ["--max_train_steps", "2"]))  # fmt: skip
+    (resumed / "pytorch_lora_weights.safetensors").unlink()
+    reset()
+    run = tpm.main(tpm.parse_args(subject_flags(*subject_dirs) + common_flags(tiny_sd_path, resumed) + flags
+                                  + ["--resume_from_checkpoint", "checkpoint-2"]))  # fmt: skip
+    assert run.global_step == 4
+    for name in ("pytorch_lora_weights.safetensors", "learned_embeds_my-cat.safetensors",
+                 "learned_embeds_wanderer.safetensors"):  # fmt: skip
+        a, b = load_file(full / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_two_subject_upload(tiny_sd_path, tmp_path, subject_dirs, monkeypatch):
+    from test_train_palp import _fake_hub, check_uploaded_card_and_config
+
+    calls = _fake_hub(monkeypatch)
+    out = tmp_path / "palp-pair"
+    tpm.main(tpm.parse_args(subject_flags(*subject_dirs) + common_flags(tiny_sd_path, out)
+                            + ["--push_to_hub", "--checkpointing_steps", "2", "--report_to", "tensorboard"]))  # fmt: skip
+    uploaded = set(calls["files"])
+    assert {"learned_embeds_my-cat.safetensors", "learned_embeds_wanderer.safetensors", "README.md",
+            "pytorch_lora_weights.safetensors", "training_config.json"} <= uploaded  # fmt: skip
+    assert not any(f.startswith(("checkpoint-", "logs/")) for f in uploaded)
+    metadata, config = check_uploaded_card_and_config(calls["files"], [tiny_sd_path, *subject_dirs, tmp_path])
+    assert "base_model" not in metadata and metadata["instance_prompt"] == TARGET
+    assert [s["instance_data_dir"] for s in config["subjects"]] == ["cat", "art"]
+    card = calls["files"]["README.md"].decode()
+    assert "`An oil painting of learned_embeds_my-cat inspired by learned_embeds_wanderer painting" in card
+    assert "`An oil painting of embedding:learned_embeds_my-cat inspired by embedding:learned_embeds_wanderer" in card

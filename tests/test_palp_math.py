@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 import train_palp as tp
@@ -361,3 +362,302 @@ def test_step_generator_depends_on_seed_rank_and_step_only():
     assert not torch.equal(draw(1, 0, 5), draw(1, 0, 6))
     assert not torch.equal(draw(1, 0, 5), draw(1, 1, 5))
     assert not torch.equal(draw(1, 0, 5), draw(2, 0, 5))
+
+
+# ------------------------------------------------------------------------------------------------ palp_losses by value
+def _reference_losses(unet, inputs, config, prediction_type):
+    """The PALP terms written out independently of train_palp: separate (unbatched) CFG calls, x̂0 from the raw model
+    output. Returns L_pers, the DDS loss through x̂0 whose gradient is w·c·D·∂x̂0/∂θ (c: the rescale √ᾱ1/√(1-ᾱ1), or
+    1 without it, times the v-prediction balance 1/ᾱ1), and the value of the surrogate -mean(w·c·D·ε̂)·√(1-ᾱ1)/√ᾱ1
+    that train_palp minimises in its place."""
+    alphas, latents, noise, noise2, cond, cond_clean, uncond, t1, t2 = inputs
+    a1, a2 = alphas[t1].view(-1, 1, 1, 1), alphas[t2].view(-1, 1, 1, 1)
+    x_t1 = a1.sqrt() * latents + (1 - a1).sqrt() * noise
+    out = unet(x_t1, t1, encoder_hidden_states=cond).sample
+    if prediction_type == "v_prediction":
+        target = a1.sqrt() * noise - (1 - a1).sqrt() * latents
+        x0_hat = a1.sqrt() * x_t1 - (1 - a1).sqrt() * out
+    else:
+        target = noise
+        x0_hat = (x_t1 - (1 - a1).sqrt() * out) / a1.sqrt()
+    loss_pers = ((out - target) ** 2).mean()
+    with torch.no_grad():
+        x_t2 = a2.sqrt() * x0_hat + (1 - a2).sqrt() * noise2
+
+        def eps(c, lora):
+            if not lora:
+                unet.disable_adapters()
+            try:
+                o = unet(x_t2, t2, encoder_hidden_states=c.expand(2, -1, -1)).sample
+            finally:
+                unet.enable_adapters()
+            return a2.sqrt() * o + (1 - a2).sqrt() * x_t2 if prediction_type == "v_prediction" else o
+
+        def guided(c, scale, lora):
+            return eps(uncond, lora) + scale * (eps(c, lora) - eps(uncond, lora))
+
+        g_pre = guided(cond_clean, config.guidance_scale_pretrained, False)
+        other = guided(cond, config.guidance_scale_personalized, True) if config.mode == "dds" else noise2
+        direction = g_pre - other
+        if config.normalization == "personalization":
+            eps_hat_ref = a1.sqrt() * out + (1 - a1).sqrt() * x_t1 if prediction_type == "v_prediction" else out
+            reference = 2 * (eps_hat_ref - noise)
+            rms = lambda x: x.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1, 1)  # noqa: E731
+            direction = direction * rms(reference) / rms(direction)
+    w = (1 - a2) if config.weighting == "one_minus_alpha_bar" else torch.ones_like(a2)
+    c = a1.sqrt() / (1 - a1).sqrt() if config.rescale else torch.ones_like(a1)
+    if prediction_type == "v_prediction":
+        c = c / a1
+    dds = (w * c * direction * x0_hat).sum() / latents[0].numel() / latents.shape[0]
+    eps_hat = a1.sqrt() * out + (1 - a1).sqrt() * x_t1 if prediction_type == "v_prediction" else out
+    # ∂x̂0/∂ε̂ = -√(1-ᾱ1)/√ᾱ1: the surrogate in ε̂ with the same gradient as the DDS loss through x̂0.
+    surrogate = -(w * c * (1 - a1).sqrt() / a1.sqrt() * direction * eps_hat).flatten(1).mean(1).mean()
+    return loss_pers, dds, surrogate.detach()
+
+
+PALP_LOSS_CASES = {
+    "defaults": dict(),
+    "no rescale": dict(rescale=False),
+    "fresh noise": dict(noise="fresh"),
+    "fresh noise, no rescale": dict(noise="fresh", rescale=False),
+    "timestep same": dict(timestep="same", rescale=False),
+    "one minus alpha bar": dict(weighting="one_minus_alpha_bar", rescale=False),
+    "lambda 0.5, beta 1": dict(weight=0.5, guidance_scale_personalized=1.0, guidance_scale_pretrained=4.0),
+    "sds": dict(mode="sds", rescale=False, noise="fresh"),
+    "normalized D": dict(normalization="personalization", rescale=False, guidance_scale_personalized=1.0),
+    "normalized D, fresh noise": dict(normalization="personalization", noise="fresh"),
+}
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("case", list(PALP_LOSS_CASES), ids=list(PALP_LOSS_CASES))
+def test_palp_losses_gradient_matches_an_independent_reference(lora_unet, case, prediction_type):
+    """The gradient of L_pers + λ·L_align from palp_losses itself, on the LoRA and on y_P (the [V] path), against
+    autograd through x̂0 of an independent implementation."""
+    config = tp.AlignmentConfig(**PALP_LOSS_CASES[case])
+    alphas = _alphas()
+    latents, noise, cond, cond_clean, uncond = _inputs(seed=5)
+    cond = cond.requires_grad_(True)
+    t1 = torch.tensor([150, 850])
+    t2 = t1.clone() if config.timestep == "same" else torch.tensor([700, 250])
+    noise2 = noise if config.noise == "same" else torch.randn(noise.shape, generator=torch.Generator().manual_seed(9))
+    params = _lora_params(lora_unet) + [cond]
+    inputs = (alphas, latents, noise, noise2, cond, cond_clean, uncond, t1, t2)
+
+    loss_pers, loss_align = tp.palp_losses(
+        lora_unet, lora_unet, latents, noise, t1, t2, noise2, cond, cond_clean, uncond, alphas, prediction_type, config
+    )
+    got = torch.autograd.grad(loss_pers + config.weight * loss_align, params)
+    ref_pers, ref_dds, ref_surrogate = _reference_losses(lora_unet, inputs, config, prediction_type)
+    want = torch.autograd.grad(ref_pers + config.weight * ref_dds, params, retain_graph=True)
+    align_only = torch.autograd.grad(ref_dds, params)
+
+    torch.testing.assert_close(loss_pers.detach(), ref_pers.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss_align.detach(), ref_surrogate, atol=1e-6, rtol=1e-4)
+    assert max(g.abs().max().item() for g in align_only) > 1e-4  # the alignment term really contributes
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_zero_lambda_returns_no_alignment_and_skips_its_passes(lora_unet):
+    loss_pers, loss_align, calls, _ = _run_losses(lora_unet, tp.AlignmentConfig(weight=0.0))
+    assert len(calls) == 1 and loss_align.item() == 0.0 and loss_pers.item() > 0
+
+
+# ------------------------------------------------------------------------------------------------ v-prediction balance
+def test_v_prediction_balance_restores_the_epsilon_ratio_of_the_two_gradients():
+    """Per element, (∂L_align/∂output) / (∂L_pers/∂output) must be the same for a v-model as for an ε-model that
+    predicts the same ε̂, at every t1: the paper's uniform balance carried over to v-prediction."""
+    alphas = _alphas()
+    g = torch.Generator().manual_seed(1)
+    x0, eps, eps_hat = (torch.randn(3, 4, 4, 4, generator=g) for _ in range(3))
+    direction = torch.randn(3, 4, 4, 4, generator=g)
+    t1 = torch.tensor([20, 500, 980])
+    a1 = alphas[t1]
+    a = a1.view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    ratios = {}
+    for prediction_type in ("epsilon", "v_prediction"):
+        if prediction_type == "epsilon":
+            output, target = eps_hat.clone().requires_grad_(True), eps
+        else:  # the v that gives the same ε̂, and the true v
+            output = ((eps_hat - (1 - a).sqrt() * x_t) / a.sqrt()).requires_grad_(True)
+            target = a.sqrt() * eps - (1 - a).sqrt() * x0
+        converted = tp.epsilon_from_model_output(output, x_t, a1, prediction_type)
+        torch.testing.assert_close(converted, eps_hat, atol=1e-4, rtol=1e-4)
+        (d_pers,) = torch.autograd.grad(F.mse_loss(output, target), output)
+        align = tp.palp_alignment_loss(converted, direction, a1, torch.ones(3), True, prediction_type)
+        (d_align,) = torch.autograd.grad(align, output)
+        ratios[prediction_type] = d_align / d_pers
+    torch.testing.assert_close(ratios["v_prediction"], ratios["epsilon"], atol=1e-3, rtol=1e-3)
+
+
+def test_v_prediction_balance_is_one_over_alpha_bar_at_t1():
+    a1 = torch.tensor([0.9, 0.05])
+    torch.testing.assert_close(tp.prediction_type_balance(a1, "v_prediction"), 1 / a1)
+    torch.testing.assert_close(tp.prediction_type_balance(a1, "epsilon"), torch.ones(2))
+    eps_hat, direction = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    for rescale in (True, False):
+        v = tp.palp_alignment_loss(eps_hat, direction, a1, torch.ones(2), rescale, "v_prediction")
+        e_per_sample = [
+            tp.palp_alignment_loss(eps_hat[i : i + 1], direction[i : i + 1], a1[i : i + 1], torch.ones(1), rescale)
+            for i in range(2)
+        ]
+        torch.testing.assert_close(v, sum(e / a for e, a in zip(e_per_sample, a1)) / 2)
+
+
+def test_v_prediction_alignment_branch_by_value(tiny_sd_vpred_path):
+    """On a v-prediction UNet, palp_losses' L_align equals the independent computation (ε from v for ε̂ and for
+    both guided passes, balance 1/ᾱ_t1)."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_vpred_path, subfolder="unet")
+    unet.requires_grad_(False)
+    tp.add_lora(unet, rank=4, alpha=4, dropout=0.0)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    scheduler = DDPMScheduler.from_pretrained(tiny_sd_vpred_path, subfolder="scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    alphas = scheduler.alphas_cumprod
+    latents, noise, cond, cond_clean, uncond = _inputs(seed=2)
+    t1, t2 = torch.tensor([100, 900]), torch.tensor([600, 300])
+    config = tp.AlignmentConfig(rescale=False)
+    _, loss_align = tp.palp_losses(
+        unet, unet, latents, noise, t1, t2, noise, cond, cond_clean, uncond, alphas, "v_prediction", config
+    )
+    _, ref, ref_surrogate = _reference_losses(
+        unet, (alphas, latents, noise, noise, cond, cond_clean, uncond, t1, t2), config, "v_prediction"
+    )
+    torch.testing.assert_close(loss_align.detach(), ref_surrogate, atol=1e-6, rtol=1e-4)
+    params = _lora_params(unet)
+    torch.testing.assert_close(
+        torch.autograd.grad(loss_align, params, retain_graph=True)[0], torch.autograd.grad(ref, params)[0],
+        atol=1e-6, rtol=1e-4,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ config and dropout
+def test_alignment_config_from_args_round_trip(tmp_path):
+    """Every AlignmentConfig field comes from its own flag: distinct non-default values survive from_args."""
+    import dataclasses
+
+    from conftest import write_instance_images
+
+    flags = {
+        "mode": ("--alignment_mode", "sds"),
+        "guidance_scale_pretrained": ("--guidance_scale_pretrained", "3.25"),
+        "guidance_scale_personalized": ("--guidance_scale_personalized", "2.5"),
+        "weight": ("--alignment_weight", "0.75"),
+        "noise": ("--alignment_noise", "fresh"),
+        "timestep": ("--alignment_timestep", "same"),
+        "weighting": ("--alignment_weighting", "one_minus_alpha_bar"),
+        "rescale": ("--no-rescale", None),
+        "normalization": ("--alignment_normalization", "personalization"),
+        "warmup_steps": ("--alignment_warmup_steps", "7"),
+    }
+    fields = [f.name for f in dataclasses.fields(tp.AlignmentConfig)]
+    assert set(fields) == set(flags), f"give every AlignmentConfig field a flag in this test: {set(fields) ^ set(flags)}"
+    argv = [
+        "--pretrained_model_name_or_path", "some/model", "--instance_data_dir", str(write_instance_images(tmp_path)),
+        "--placeholder_token", "<t>", "--class_name", "cat", "--target_prompt", "A <t>", "--output_dir",
+        str(tmp_path / "out"),
+    ]  # fmt: skip
+    for flag, value in flags.values():
+        argv += [flag] if value is None else [flag, value]
+    config = tp.AlignmentConfig.from_args(tp.parse_args(argv))
+    default = tp.AlignmentConfig()
+    for name, (flag, value) in flags.items():
+        got = getattr(config, name)
+        expected = False if value is None else type(getattr(default, name))(value)
+        assert got == expected != getattr(default, name), (name, flag, got)
+
+
+def test_personalized_pass_runs_without_lora_dropout(tiny_sd_path):
+    """With --lora_dropout > 0 the gradient pass drops LoRA activations, the gradient-free personalized pass must not:
+    its output equals the same call with the dropout modules in eval mode."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    unet.requires_grad_(False)
+    tp.add_lora(unet, rank=4, alpha=4, dropout=0.9)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    unet.train()
+    dropouts = [m for n, m in unet.named_modules() if n.endswith("lora_dropout.default")]
+    assert dropouts and all(isinstance(m, torch.nn.Dropout) for m in dropouts)
+    seen = []
+    handle = unet.register_forward_hook(
+        lambda module, args, output: seen.append((args[0].shape[0], [m.training for m in dropouts], args, output))
+    )
+    try:
+        alphas = _alphas()
+        latents, noise, cond, cond_clean, uncond = _inputs()
+        config = tp.AlignmentConfig(guidance_scale_personalized=1.0)
+        tp.palp_losses(unet, unet, latents, noise, torch.tensor([100, 900]), torch.tensor([600, 300]), noise, cond,
+                       cond_clean, uncond, alphas, "epsilon", config)  # fmt: skip
+    finally:
+        handle.remove()
+    assert [all(flags) for _, flags, _, _ in seen] == [True, True, False]  # grad pass, pre-trained, personalized
+    assert all(m.training for m in dropouts)  # restored afterwards
+    (x_t2, t2), output = seen[2][2][:2], seen[2][3]
+    for m in dropouts:
+        m.eval()
+    with torch.no_grad():
+        clean = unet(x_t2, t2, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(output.sample, clean, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ timesteps
+def test_timestep_bounds_stay_inside_the_schedule():
+    assert tp.timestep_bounds(1000, 1.0, 1.0) == (999, 999)
+    assert tp.timestep_bounds(1000, 0.0, 0.9996) == (0, 999)
+
+
+def test_zero_terminal_snr_schedule_is_refused_at_its_last_step():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    alphas = scheduler.alphas_cumprod
+    assert alphas[999] == 0
+    with pytest.raises(tp.UserInputError, match="--timestep_max_ratio 0.998 or lower"):
+        tp.check_timestep_bounds(alphas, tp.timestep_bounds(1000, 0.02, 1.0), 1000)
+    tp.check_timestep_bounds(alphas, tp.timestep_bounds(1000, 0.02, 0.98), 1000)  # the default is fine
+    tp.check_timestep_bounds(alphas, tp.timestep_bounds(1000, 0.02, 0.998), 1000)  # the suggested bound too
+
+
+# ------------------------------------------------------------------------------------------------ saved LoRA scale
+def test_fold_lora_scale_multiplies_only_the_up_weights():
+    state = {"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.ones(3, 2)}
+    folded = tp.fold_lora_scale(state, rank=4, alpha=8)
+    assert torch.equal(folded["a.lora_A.weight"], state["a.lora_A.weight"])
+    assert torch.equal(folded["a.lora_B.weight"], 2 * state["a.lora_B.weight"])
+
+
+def test_normalized_alignment_sets_the_ratio_on_a_v_models_output_too(lora_unet):
+    """With D normalised to the personalization gradient, λ is the ratio of the two pushes on the model's own output
+    for a v-prediction model as for an ε-model: the 1/ᾱ_t1 balance is what makes this hold at every t1."""
+    alphas = _alphas()
+    latents, noise, cond, cond_clean, uncond = _inputs()
+    t1, t2 = torch.tensor([30, 950]), torch.tensor([600, 300])
+    rms = lambda x: x.pow(2).flatten(1).mean(1).sqrt()  # noqa: E731
+    for prediction_type in ("epsilon", "v_prediction"):
+        captured = {}
+
+        def hook(module, args, output):
+            if output.sample.requires_grad and "out" not in captured:
+                captured["out"] = output.sample
+
+        handle = lora_unet.register_forward_hook(hook)
+        try:
+            config = tp.AlignmentConfig(normalization="personalization", weight=0.5)
+            loss_pers, loss_align = tp.palp_losses(lora_unet, lora_unet, latents, noise, t1, t2, noise, cond,
+                                                   cond_clean, uncond, alphas, prediction_type, config)  # fmt: skip
+        finally:
+            handle.remove()
+        (g_pers,) = torch.autograd.grad(loss_pers, captured["out"], retain_graph=True)
+        (g_align,) = torch.autograd.grad(config.weight * loss_align, captured["out"])
+        torch.testing.assert_close(rms(g_align) / rms(g_pers), torch.full((2,), 0.5), rtol=1e-4, atol=0)

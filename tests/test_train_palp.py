@@ -130,7 +130,7 @@ def test_outputs_files_card_and_config(tiny_sd_path, instance_dir, tmp_path):
         TARGET,
         "A sketch of a cat in Paris",
         TOKEN,
-        tiny_sd_path,
+        f'from_pretrained("{Path(tiny_sd_path).name}"',
         "load_lora_weights",
         "samples/final_0.png",
         "guidance_scale_pretrained",
@@ -258,9 +258,9 @@ def test_resume_matches_uninterrupted_run(tiny_sd_path, instance_dir, tmp_path):
     assert (eb - saved_step2).abs().max() > 0  # it really trained after resuming
 
 
-def test_push_to_hub_uploads_outputs_without_checkpoints(tiny_sd_path, instance_dir, tmp_path, monkeypatch):
+def _fake_hub(monkeypatch):
+    """create_repo and upload_folder replaced by recorders of what would be uploaded (file names and contents)."""
     import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
 
     calls = {}
 
@@ -271,24 +271,44 @@ def test_push_to_hub_uploads_outputs_without_checkpoints(tiny_sd_path, instance_
         calls["create"] = (repo_id, exist_ok, token)
         return Repo()
 
-    def upload_folder(repo_id, folder_path, ignore_patterns, token, **kwargs):
-        files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
-        calls["uploaded"] = set(filter_repo_objects(files, ignore_patterns=ignore_patterns))
-        calls["card"] = (Path(folder_path) / "README.md").read_text()
-        calls["repo"] = repo_id
+    def upload_folder(repo_id, folder_path, token, **kwargs):
+        folder = Path(folder_path)
+        calls["files"] = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        calls["repo"], calls["kwargs"] = repo_id, kwargs
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
-    train(
-        tiny_sd_path,
-        instance_dir,
-        tmp_path / "palp-cat",
-        "--push_to_hub",
-        "--checkpointing_steps",
-        "2",
-        "--report_to",
-        "tensorboard",
-    )
+    return calls
+
+
+def check_uploaded_card_and_config(files, local_paths):
+    """The card's metadata is valid for the Hub (parsed by huggingface_hub, base_model absent or a repo id) and no
+    uploaded text file holds a local path of the training machine."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import validate_repo_id
+
+    card = ModelCard(files["README.md"].decode())
+    metadata = card.data.to_dict()
+    assert metadata["library_name"] == "diffusers" and "palp" in metadata["tags"]
+    if "base_model" in metadata:
+        validate_repo_id(metadata["base_model"])
+    config = json.loads(files["training_config.json"])
+    for name, content in files.items():
+        if name.endswith((".json", ".md")):
+            for path in local_paths:
+                assert str(path).encode() not in content, (name, path)
+    return metadata, config
+
+
+def test_push_to_hub_uploads_outputs_without_checkpoints_logs_or_local_paths(
+    tiny_sd_path, instance_dir, tmp_path, monkeypatch
+):
+    calls = _fake_hub(monkeypatch)
+    out = tmp_path / "palp-cat"
+    train(tiny_sd_path, instance_dir, out, "--push_to_hub", "--checkpointing_steps", "2", "--report_to",
+          "tensorboard", "--logging_dir", "runs/tb")  # fmt: skip
+    assert list((out / "runs" / "tb").rglob("events.out.tfevents.*"))  # the logs are there locally...
+    uploaded = set(calls["files"])
     assert calls["create"] == ("palp-cat", True, None) and calls["repo"] == "someone/palp-cat"
     assert {
         "pytorch_lora_weights.safetensors",
@@ -297,9 +317,206 @@ def test_push_to_hub_uploads_outputs_without_checkpoints(tiny_sd_path, instance_
         "training_config.json",
         "pytorch_lora_weights_kohya.safetensors",
         "samples/final_0.png",
-    } <= calls["uploaded"]
-    assert not any(f.startswith(("checkpoint-", "logs/")) or "optimizer" in f for f in calls["uploaded"])
-    assert TOKEN in calls["card"] and TARGET in calls["card"]
+    } <= uploaded
+    assert not any(f.startswith(("checkpoint-", "runs/")) or "optimizer" in f or "tfevents" in f for f in uploaded)
+    metadata, config = check_uploaded_card_and_config(calls["files"], [tiny_sd_path, instance_dir, tmp_path])
+    assert "base_model" not in metadata  # a local folder that records no Hub id
+    assert config["pretrained_model_name_or_path"] == Path(tiny_sd_path).name
+    assert config["instance_data_dir"] == Path(instance_dir).name
+    local = json.loads((out / "training_config.json").read_text())
+    assert local["pretrained_model_name_or_path"] == tiny_sd_path  # the local copy keeps what sample_palp reads
+    card = calls["files"]["README.md"].decode()
+    assert TOKEN in card and TARGET in card
+
+
+def test_card_base_model_is_a_hub_id_or_nothing(tmp_path):
+    assert tp.hub_base_model("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    snapshot = tmp_path / "hub" / "models--someone--sd-model" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert tp.hub_base_model(str(snapshot)) == "someone/sd-model"
+    recorded = tmp_path / "recorded"
+    recorded.mkdir()
+    (recorded / "model_index.json").write_text(json.dumps({"_name_or_path": "owner/base"}))
+    assert tp.hub_base_model(str(recorded)) == "owner/base"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert tp.hub_base_model(str(plain)) is None
+    from huggingface_hub import ModelCard
+
+    for base in (None, "owner/base"):
+        card = ModelCard(tp.card_metadata(base, "A photo of <t>") + "\n\n# x\n")
+        assert card.data.to_dict().get("base_model") == base
+        assert card.data.to_dict()["instance_prompt"] == "A photo of <t>"
+
+
+def test_card_says_what_to_type_in_webuis(tiny_sd_path, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd_path, instance_dir, out, "--max_train_steps", "1", "--num_validation_images", "0")
+    card = (out / "README.md").read_text()
+    assert "`A sketch of learned_embeds in Paris <lora:pytorch_lora_weights_kohya:1>`" in card
+    assert "`A sketch of embedding:learned_embeds in Paris`" in card
+
+
+def _unet_output(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, cond = torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([500]), encoder_hidden_states=cond).sample
+
+
+def test_saved_lora_gives_the_same_model_to_loaders_that_ignore_its_alpha(tiny_sd_path, instance_dir, tmp_path):
+    """--lora_alpha 8 with --rank 4: diffusers (reading the metadata), a loader assuming alpha = rank, and the kohya
+    file all give the trained UNet."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    out = tmp_path / "out"
+    run = train(tiny_sd_path, instance_dir, out, "--lora_alpha", "8", "--max_train_steps", "2",
+                "--num_validation_images", "0", "--checkpointing_steps", "1")  # fmt: skip
+    assert run.lora_config.lora_alpha == 8
+    trained = _unet_output(run.base_unet)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    base = _unet_output(pipe.unet)
+    pipe.load_lora_weights(out)
+    via_diffusers = _unet_output(pipe.unet)
+
+    naive = StableDiffusionPipeline.from_pretrained(tiny_sd_path).unet  # alpha = rank, metadata never read
+    naive.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=tp.LORA_TARGET_MODULES))
+    state = load_file(out / "pytorch_lora_weights.safetensors")
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    assert not set_peft_model_state_dict(naive, state, adapter_name="default").unexpected_keys
+    via_naive = _unet_output(naive)
+
+    assert (trained - base).abs().max() > 1e-4  # the LoRA has an effect to get right
+    torch.testing.assert_close(via_diffusers, trained, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(via_naive, trained, atol=1e-5, rtol=1e-4)
+    kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {4.0}
+    up = {k: v for k, v in kohya.items() if k.endswith("lora_up.weight")}
+    diffusers_up = {k: v for k, v in load_file(out / "pytorch_lora_weights.safetensors").items() if "lora.up" in k or "lora_B" in k}
+    assert len(up) == len(diffusers_up) and sorted(v.norm().item() for v in up.values()) == pytest.approx(
+        sorted(v.norm().item() for v in diffusers_up.values())
+    )
+    # Checkpoints keep the raw weights and the true alpha, so a resume continues from exactly the trained state.
+    raw = load_file(out / "checkpoint-2" / "pytorch_lora_weights.safetensors")
+    assert max((2 * raw[k] - load_file(out / "pytorch_lora_weights.safetensors")[k]).abs().max().item()
+               for k in raw if "lora.up" in k or "lora_B" in k) < 1e-6  # fmt: skip
+
+
+def test_zero_is_a_value_for_the_embedding_learning_rate_and_lora_alpha(tiny_sd_path, instance_dir, tmp_path):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    run = train(tiny_sd_path, instance_dir, tmp_path / "frozen", "--embedding_learning_rate", "0",
+                "--max_train_steps", "2", "--num_validation_images", "0")  # fmt: skip
+    assert [group["lr"] for group in run.optimizer.param_groups] == [1e-3, 0.0]
+    base = CLIPTextModel.from_pretrained(tiny_sd_path, subfolder="text_encoder").get_input_embeddings().weight
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
+    init = base[tokenizer.encode("cat", add_special_tokens=False)].mean(0)
+    assert torch.equal(load_file(tmp_path / "frozen" / "learned_embeds.safetensors")[TOKEN][0], init)
+
+    run = train(tiny_sd_path, instance_dir, tmp_path / "no-lora", "--lora_alpha", "0", "--max_train_steps", "1",
+                "--num_validation_images", "0")  # fmt: skip
+    assert run.lora_config.lora_alpha == 0
+    assert json.loads((tmp_path / "no-lora" / "training_config.json").read_text())["lora_alpha"] == 0
+
+
+def test_bare_checkpoint_name_resolves_against_the_output_dir(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert tp.resolve_checkpoint(out, "checkpoint-2") == out / "checkpoint-2"
+    assert tp.resolve_checkpoint(out, str(out / "checkpoint-2")) == out / "checkpoint-2"  # a full path still works
+    with pytest.raises(tp.UserInputError, match="--resume_from_checkpoint 'checkpoint-3'"):
+        tp.resolve_checkpoint(out, "checkpoint-3")
+
+
+def test_logged_loss_is_the_mean_over_accumulation_steps(tiny_sd_path, instance_dir, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw: logged.append((step, values)))
+    original = tp.training_step
+
+    def known_losses(run, micro_step):
+        original(run, micro_step)
+        return tuple(torch.tensor(float(10 * micro_step + k)) for k in range(3))
+
+    monkeypatch.setattr(tp, "training_step", known_losses)
+    train(tiny_sd_path, instance_dir, tmp_path / "out", "--gradient_accumulation_steps", "2",
+          "--max_train_steps", "2", "--num_validation_images", "0")  # fmt: skip
+    losses = [(step, values["loss"], values["loss_pers"], values["loss_align"]) for step, values in logged]
+    assert losses == [(1, 5.0, 6.0, 7.0), (2, 25.0, 26.0, 27.0)]  # micro-steps (0, 1) and (2, 3)
+
+
+def test_lora_dropout_run_resumes_bit_exact(tiny_sd_path, instance_dir, tmp_path):
+    common = ("--checkpointing_steps", "2", "--num_validation_images", "0", "--lora_dropout", "0.5")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(tiny_sd_path, instance_dir, full, *common)
+    train(tiny_sd_path, instance_dir, resumed, *common, "--max_train_steps", "2")
+    (resumed / "pytorch_lora_weights.safetensors").unlink()
+    train(tiny_sd_path, instance_dir, resumed, *common, "--resume_from_checkpoint", "checkpoint-2")
+    a = load_file(full / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_reaches_the_text_encoder(tiny_sd_path, instance_dir, tmp_path, monkeypatch):
+    """transformers checkpoints a layer only in training mode: with the flag, the first encoder layer runs again in
+    the backward pass (recomputation), once per step on top of its forward."""
+    calls = []
+    original = tp.training_step
+
+    def counted(run, micro_step):
+        layer = next(m for m in run.base_text_encoder.modules() if type(m).__name__ == "CLIPEncoderLayer")
+        # A pre-hook inside the layer: the recomputation runs the layer's forward (not its hooks) and may stop early.
+        handle = layer.layer_norm1.register_forward_pre_hook(lambda *a: calls.append(micro_step))
+        try:
+            return original(run, micro_step)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(tp, "training_step", counted)
+    run = train(tiny_sd_path, instance_dir, tmp_path / "out", "--gradient_checkpointing", "--max_train_steps", "2",
+                "--num_validation_images", "0")  # fmt: skip
+    assert calls == [0, 0, 1, 1]
+    assert run.base_unet.is_gradient_checkpointing
+
+
+def test_dataset_name_reads_the_image_column(tiny_sd_path, tmp_path, monkeypatch):
+    """--dataset_name goes through `datasets.load_dataset` (a local imagefolder here, served by a stand-in module
+    with the same call), checks the column, and trains on its images."""
+    import importlib.machinery
+    import types
+
+    from PIL import Image
+
+    folder = write_instance_images(tmp_path / "imagefolder", n=2)
+    seen = {}
+
+    class Dataset:
+        column_names = ["image", "label"]
+
+        def __getitem__(self, column):
+            return [Image.open(p) for p in sorted(folder.glob("*.png"))] if column == "image" else [0, 0]
+
+    def load_dataset(name, config_name=None, cache_dir=None, split=None):
+        seen["call"] = (name, config_name, split)
+        return Dataset()
+
+    module = types.ModuleType("datasets")
+    module.load_dataset = load_dataset
+    module.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    argv = base_args(tiny_sd_path, "unused", tmp_path / "out", "--max_train_steps", "1", "--num_validation_images", "0")
+    argv = argv[:2] + ["--dataset_name", str(folder)] + argv[4:]
+    run = tp.main(tp.parse_args(argv))
+    assert seen["call"] == (str(folder), None, "train") and run.global_step == 1
+    with pytest.raises(SystemExit, match="--image_column 'pixels'"):
+        tp.cli([*argv, "--image_column", "pixels", "--overwrite_output_dir"])
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -424,3 +641,41 @@ def test_help_documents_every_flag():
     ):
         assert flag in parser_help, flag
     assert "(ours" in parser_help and "(paper" in parser_help
+
+
+def test_logged_loss_is_averaged_over_processes_too():
+    class TwoProcesses:
+        num_processes = 2
+
+        def reduce(self, tensor, reduction):
+            assert reduction == "mean"
+            return (tensor + torch.tensor([3.0, 5.0, 7.0])) / 2  # the other rank's step mean
+
+    steps = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 4.0, 5.0])]
+    assert tp.mean_step_losses(TwoProcesses(), steps) == [2.5, 4.0, 5.5]
+
+
+def test_a_failed_upload_does_not_leave_the_other_processes_at_the_barrier(monkeypatch):
+    """The main process meets the final barrier even when writing or uploading the outputs fails, so the other ranks
+    are released (and exit) instead of waiting there for the collective timeout."""
+    calls = []
+
+    class Accelerator:
+        is_main_process, num_processes = True, 1
+
+        def wait_for_everyone(self):
+            calls.append("barrier")
+
+        def end_training(self):
+            calls.append("end")
+
+    def failing_upload(run):
+        calls.append("save")
+        raise RuntimeError("the Hub refused the upload")
+
+    monkeypatch.setattr(tp, "train_loop", lambda run: calls.append("train"))
+    monkeypatch.setattr(tp, "save_outputs", failing_upload)
+    run = type("Run", (), {"accelerator": Accelerator(), "trainable": []})()
+    with pytest.raises(RuntimeError, match="refused"):
+        tp.train_and_save(run)
+    assert calls == ["train", "barrier", "save", "barrier"]

@@ -1,0 +1,211 @@
+"""Mutation check: each targeted mistake in train_palp.py's PALP code must make the PALP math tests fail.
+
+A mutant is a list of exact text replacements, each of which must match train_palp.py exactly once. The mutated
+script is imported under a fresh module name, and every math test (each test function of ``MATH_TEST_MODULES``, all
+its parametrizations, with the same fixtures; end-to-end tests, those that train on ``instance_dir``, are left out)
+runs against it until one fails; a mutant that survives them all is a mistake the math tests would let through.
+Tests named in ``first`` run first, which only saves time.
+
+To add a mutant (a new alignment flag, a new branch), append a ``Mutant`` to ``MUTANTS``; if no math test catches
+it, add the math test that would.
+"""
+
+import importlib.util
+import inspect
+import itertools
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+import test_alignment_options
+import test_palp_math
+from conftest import REPO_ROOT
+from test_palp_math import lora_unet  # noqa: F401  (the math tests' fixture, for the runs below)
+
+MATH_TEST_MODULES = (test_palp_math, test_alignment_options)
+END_TO_END_FIXTURES = {"instance_dir"}  # a test that trains a whole run is not a math test
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    edits: tuple  # ((old, new), ...): exact text of train_palp.py and its replacement
+    first: tuple = ()  # names of math tests likely to catch it, run before the others
+
+
+MUTANTS = [
+    Mutant("alignment loss sign", (("    return -(scale * per_sample).mean()", "    return (scale * per_sample).mean()"),),
+           ("test_descent_step_moves_x0_against_direction",)),
+    Mutant("DDS direction sign", (("        return guided_pretrained - guided_personalized",
+                                   "        return guided_personalized - guided_pretrained"),),
+           ("test_dds_loss_matches_a_direct_computation",)),
+    Mutant("SDS direction sign", (("        return guided_pretrained - noise", "        return noise - guided_pretrained"),),
+           ("test_sds_uses_pretrained_minus_noise_and_skips_the_personalized_pass",)),
+    Mutant("y_P instead of y_c for the pre-trained model",
+           (("                cond_clean.expand(batch, *cond_clean.shape[1:]),", "                cond_personal.detach(),"),),
+           ("test_dds_loss_matches_a_direct_computation",)),
+    Mutant("fresh noise drawn for --alignment_noise same",
+           (('    if config.noise == "same":\n        noise2 = noise',
+             '    if config.noise == "same":\n        noise2 = torch.randn(latent_shape, generator=generator)'),),
+           ("test_step_noise_options",)),
+    Mutant("stop-gradient on D removed",
+           (("(direction.detach().float() * eps_hat)", "(direction.float() * eps_hat)"),),
+           ("test_direction_is_detached_inside_the_loss",)),
+    Mutant("alignment branch built with gradient",
+           (("    with torch.no_grad():\n        x0_hat = predicted_original_sample",
+             "    with contextlib.nullcontext():\n        x0_hat = predicted_original_sample"),),
+           ("test_dds_runs_one_gradient_pass_and_two_batched_gradient_free_passes",)),
+    Mutant("re-noising with noise, ignoring noise2",
+           (("x_t2 = add_noise(x0_hat, noise2.float(), a2)", "x_t2 = add_noise(x0_hat, noise.float(), a2)"),),
+           ("test_palp_losses_gradient_matches_an_independent_reference",)),
+    Mutant("rescale taken at t2 instead of t1",
+           (("palp_alignment_loss(eps_hat, direction, a1, weight, config.rescale, prediction_type)",
+             "palp_alignment_loss(eps_hat, direction, a2, weight, config.rescale, prediction_type)"),),
+           ("test_palp_losses_gradient_matches_an_independent_reference",)),
+    Mutant("from_args swaps the two guidance scales",
+           (("guidance_scale_pretrained=args.guidance_scale_pretrained,",
+             "guidance_scale_pretrained=args.guidance_scale_personalized,"),
+            ("guidance_scale_personalized=args.guidance_scale_personalized,",
+             "guidance_scale_personalized=args.guidance_scale_pretrained,")),
+           ("test_alignment_config_from_args_round_trip",)),
+    Mutant("v-prediction balance left out",
+           (("        return 1.0 / alpha_bar_t1", "        return torch.ones_like(alpha_bar_t1)"),),
+           ("test_v_prediction_balance_restores_the_epsilon_ratio_of_the_two_gradients",)),
+    Mutant("v-prediction balance 1/√ᾱ instead of 1/ᾱ",
+           (("        return 1.0 / alpha_bar_t1", "        return 1.0 / alpha_bar_t1.sqrt()"),),
+           ("test_v_prediction_balance_restores_the_epsilon_ratio_of_the_two_gradients",)),
+    Mutant("rescale factor inverted",
+           (("((1 - alpha_bar_t1) / alpha_bar_t1).sqrt()", "(alpha_bar_t1 / (1 - alpha_bar_t1)).sqrt()"),),
+           ("test_rescale_changes_the_gradient_by_the_timestep_factor",)),
+    Mutant("1 - ᾱ weighting as ᾱ", (("        return 1 - alpha_bar_t2", "        return alpha_bar_t2"),),
+           ("test_alignment_weighting",)),
+    Mutant("--alignment_timestep same ignored",
+           (('    if config.timestep == "same":\n        t2 = t1', '    if config.timestep == "same":\n        t2 = t2'),),
+           ("test_step_noise_options",)),
+    Mutant("pre-trained pass with the LoRA on",
+           (("    unet.disable_adapters()\n    try:\n        yield", "    try:\n        yield"),),
+           ("test_pretrained_prediction_ignores_lora_weights",)),
+    Mutant("classifier-free guidance from the conditional prediction",
+           (("    return eps_uncond + scale * (eps_cond - eps_uncond)", "    return eps_cond + scale * (eps_cond - eps_uncond)"),),
+           ("test_classifier_free_guidance_formula",)),
+    Mutant("LoRA dropout left on in the personalized pass",
+           (("            with lora_dropout_off(base_unet):", "            with contextlib.nullcontext():"),),
+           ("test_personalized_pass_runs_without_lora_dropout",)),
+    # The options that balance the two terms (--alignment_normalization, --alignment_warmup_steps, the t2 range).
+    Mutant("D normalisation skipped",
+           (('        if config.normalization == "personalization":\n            direction = normalize_direction',
+             '        if False:\n            direction = normalize_direction'),),
+           ("test_normalized_alignment_loss_matches_a_direct_computation",)),
+    Mutant("D normalised over the whole batch instead of per sample",
+           (("    dims = tuple(range(1, direction.ndim))", "    dims = tuple(range(direction.ndim))"),),
+           ("test_normalized_direction_takes_the_reference_rms_per_sample",)),
+    Mutant("D normalised to ε̂ − ε2 instead of ε̂ − ε",
+           (("2 * (eps_hat - noise.float())", "2 * (eps_hat - noise2.float())"),),
+           ("test_palp_losses_gradient_matches_an_independent_reference",)),
+    Mutant("warm-up ramp one step ahead",
+           (("    return min(1.0, step / warmup_steps)", "    return min(1.0, (step + 1) / warmup_steps)"),),
+           ("test_alignment_ramp",)),
+    Mutant("t2 range of its own ignored",
+           (("    t2_min, t2_max = t2_bounds or t_bounds", "    t2_min, t2_max = t_bounds"),),
+           ("test_t2_range_of_its_own",)),
+    Mutant("--alignment_timestep_max_ratio ignored",
+           (("    high = args.timestep_max_ratio if args.alignment_timestep_max_ratio is None else "
+             "args.alignment_timestep_max_ratio", "    high = args.timestep_max_ratio"),),
+           ("test_t2_range_of_its_own",)),
+    Mutant("from_args drops --alignment_normalization",
+           (("normalization=args.alignment_normalization,", 'normalization="none",'),),
+           ("test_alignment_config_from_args_round_trip",)),
+]  # fmt: skip
+
+
+def mutated_module(mutant, index):
+    """train_palp.py with the mutant's edits, imported as a module of its own (train_palp itself is untouched)."""
+    source = (REPO_ROOT / "train_palp.py").read_text()
+    for old, new in mutant.edits:
+        assert source.count(old) == 1, f"{mutant.name}: {old!r} matches {source.count(old)} times, not once"
+        source = source.replace(old, new)
+    name = f"train_palp_mutant_{index}"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__file__ = str(REPO_ROOT / "train_palp.py")
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    try:
+        exec(compile(source, f"<{mutant.name}>", "exec"), module.__dict__)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def parametrizations(function):
+    """Every keyword set pytest would call ``function`` with for its @pytest.mark.parametrize marks."""
+    axes = []
+    for mark in getattr(function, "pytestmark", []):
+        if mark.name != "parametrize":
+            continue
+        names, values = mark.args[0], mark.args[1]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        rows = []
+        for value in values:
+            value = value.values if hasattr(value, "values") and not isinstance(value, dict) else value
+            rows.append(dict(zip(names, value if len(names) > 1 else (value,))))
+        axes.append(rows)
+    for combination in itertools.product(*axes):
+        yield {k: v for part in combination for k, v in part.items()}
+
+
+def math_tests(first):
+    tests = [
+        f
+        for module in MATH_TEST_MODULES
+        for name, f in vars(module).items()
+        if name.startswith("test_")
+        and inspect.isfunction(f)
+        and f.__module__ == module.__name__
+        and not END_TO_END_FIXTURES & set(inspect.signature(f).parameters)
+    ]
+    order = {module.__name__: index for index, module in enumerate(MATH_TEST_MODULES)}
+    tests.sort(key=lambda f: (f.__name__ not in first, order[f.__module__], f.__code__.co_firstlineno))
+    return tests
+
+
+def first_failure(request, mutant):
+    """The first math test (and its parameters) that fails on the mutant, or None when every one passes."""
+    for test in math_tests(mutant.first):
+        for params in parametrizations(test):
+            fixtures = {
+                name: request.getfixturevalue(name)
+                for name in inspect.signature(test).parameters
+                if name not in params
+            }
+            try:
+                test(**params, **fixtures)
+            except Exception as error:  # an assertion, or the mutant breaking the call: caught either way
+                return f"{test.__name__}{params or ''}: {type(error).__name__}"
+    return None
+
+
+def test_mutants_are_distinct_and_each_edit_matches_once():
+    names = [mutant.name for mutant in MUTANTS]
+    assert len(set(names)) == len(names)
+    source = (REPO_ROOT / "train_palp.py").read_text()
+    for mutant in MUTANTS:
+        for old, new in mutant.edits:
+            assert source.count(old) == 1 and old != new, (mutant.name, old)
+        assert all(any(name in vars(m) for m in MATH_TEST_MODULES) for name in mutant.first), mutant.name
+
+
+@pytest.mark.parametrize("index", range(len(MUTANTS)), ids=[mutant.name for mutant in MUTANTS])
+def test_the_math_tests_catch_the_mutant(request, monkeypatch, index):
+    mutant = MUTANTS[index]
+    mutated = mutated_module(mutant, index)
+    for module in MATH_TEST_MODULES:
+        monkeypatch.setattr(module, "tp", mutated)
+    caught_by = first_failure(request, mutant)
+    assert caught_by is not None, f"no test of test_palp_math.py fails when train_palp.py has: {mutant.name}"
+
+
+def test_the_unmutated_script_passes_the_same_runner(request):
+    """The runner itself is sound: on train_palp.py as it is, every math test passes through it (a runner that
+    broke the calls would otherwise 'catch' every mutant)."""
+    assert first_failure(request, Mutant("unmutated", ())) is None
