@@ -43,7 +43,7 @@ MUTANTS = [
     Mutant("SDS direction sign", (("        return guided_pretrained - noise", "        return noise - guided_pretrained"),),
            ("test_sds_uses_pretrained_minus_noise_and_skips_the_personalized_pass",)),
     Mutant("y_P instead of y_c for the pre-trained model",
-           (("                cond_clean.expand(batch, *cond_clean.shape[1:]),", "                cond_personal.detach(),"),),
+           (("                cond_clean.expand(batch),", "                cond_personal.detach(),"),),
            ("test_dds_loss_matches_a_direct_computation",)),
     Mutant("fresh noise drawn for --alignment_noise same",
            (('    if config.noise == "same":\n        noise2 = noise',
