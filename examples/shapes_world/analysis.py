@@ -16,6 +16,8 @@ import numpy as np
 
 ALIGNMENT_GAIN_GOAL = 0.10
 FIDELITY_RATIO_GOAL = 0.9
+SUBJECT_NAMES = ("checkered_star", "ringed_circle", "orange_square", "checkered_triangle", "dotted_star",
+                 "striped_triangle", "ringed_square", "orange_circle")
 FIDELITY_COLUMNS = ("subject_fidelity", "appearance_fidelity", "identity_exact", "colour_hit", "pattern_hit",
                     "b_subject_fidelity", "b_appearance_fidelity")
 
@@ -208,6 +210,32 @@ def plot_table(entries, path, baseline="TI+DB"):
     plt.close(fig)
 
 
+def seed_diversity(folders, steps):
+    """Per configuration: mean RMS pixel distance (0–255) between the samples of different training seeds for the
+    same subject, prompt and sample seed, from experiment.py's ``samples_*.npz``. Near 0: every seed learns the same
+    picture."""
+    import re
+
+    groups = {}
+    for folder in folders:
+        for path in Path(folder).glob("samples_*.npz"):
+            match = re.fullmatch(r"samples_(.+)_p(\d+)_s(\d+)\.npz", path.name)
+            if match:
+                name = match.group(1)
+                for subject in sorted(SUBJECT_NAMES, key=len, reverse=True):
+                    if name.endswith("_" + subject):
+                        groups.setdefault((name[: -len(subject) - 1], subject, match.group(2)), []).append(path)
+                        break
+    result = {}
+    for (name, _, _), paths in groups.items():
+        images = [np.load(p)[f"steps{steps}"].astype(np.float64) for p in paths if f"steps{steps}" in np.load(p)]
+        for i in range(len(images)):
+            for j in range(i + 1, len(images)):
+                d = np.sqrt(((images[i] - images[j]) ** 2).reshape(len(images[i]), -1).mean(1)).mean()
+                result.setdefault(name, []).append(float(d))
+    return {name: float(np.mean(v)) for name, v in result.items()}
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="PROTOCOL.md's decision rule on experiment.py's runs.csv.")
     parser.add_argument("--runs", type=str, nargs="+", required=True, help="runs.csv file(s) of experiment.py.")
@@ -216,6 +244,11 @@ def parse_args(input_args=None):
     parser.add_argument("--baseline", type=str, nargs="+", default=["TI+DB"],
                         help="Configuration(s) to compare against.")
     parser.add_argument("--output", type=str, default=None, help="Markdown file for the verdict.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="Only these training seeds (default: every seed in the files).")
+    parser.add_argument("--complete_clusters", action="store_true",
+                        help="Only (subject, prompt, seed) triples whose seed is finished for every cluster of the "
+                        "method, so an unfinished run does not weigh some clusters more than others.")
     parser.add_argument("--table", type=str, default=None,
                         help="Instead of one verdict: write every configuration × step count to this folder "
                         "(table.md, plot.png), against the first --baseline.")
@@ -224,12 +257,32 @@ def parse_args(input_args=None):
 
 def main(args):
     rows = [r for path in args.runs for r in read_runs(path)]
+    if args.seeds is not None:
+        rows = [r for r in rows if int(r["train_seed"]) in args.seeds]
+    if args.complete_clusters and args.method:
+        method = select(rows, args.method)
+        clusters = {(r["subject"], int(r["prompt_index"])) for r in method}
+        finished = {seed for seed in {int(r["train_seed"]) for r in method}
+                    if len({(r["subject"], int(r["prompt_index"])) for r in method if int(r["train_seed"]) == seed})
+                    == len(clusters)}
+        rows = [r for r in rows if int(r["train_seed"]) in finished]
+        print(f"complete seeds: {sorted(finished)}")
     if args.table:
         out = Path(args.table)
         out.mkdir(parents=True, exist_ok=True)
         entries = config_table(rows, args.baseline[0])
         (out / "table.md").write_text(format_table(entries, args.baseline[0]))
         plot_table(entries, out / "plot.png", args.baseline[0])
+        steps = sorted({e["steps"] for e in entries})
+        lines = ["", "Diversity across training seeds (mean RMS pixel distance between seeds, same prompt and sample "
+                 "seed):", "", "| samples of | " + " | ".join(f"{s} steps" for s in steps) + " |",
+                 "|---|" + "---|" * len(steps)]
+        per_steps = {s: seed_diversity([Path(p).parent for p in args.runs], s) for s in steps}
+        for name in sorted({n for d in per_steps.values() for n in d}):
+            lines.append(f"| {name} | " + " | ".join(f"{per_steps[s][name]:.1f}" if name in per_steps[s] else "–"
+                                                       for s in steps) + " |")
+        with open(out / "table.md", "a") as f:
+            f.write("\n".join(lines) + "\n")
         print((out / "table.md").read_text())
         return
     if args.method is None:
