@@ -8,18 +8,22 @@ from diffusers import UNet2DConditionModel
 import train_palp as tp
 
 
-@pytest.fixture(scope="module")
-def lora_unet(tiny_sd_path):
+def _unet_with_lora(model_path):
+    """The model's UNet with a rank-4 LoRA that is not the identity, so "LoRA on" and "LoRA off" differ."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet")
     unet.requires_grad_(False)
     tp.add_lora(unet, rank=4, alpha=4, dropout=0.0)
-    # A LoRA that is not the identity, so "LoRA on" and "LoRA off" differ.
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
     return unet
+
+
+@pytest.fixture(scope="module")
+def lora_unet(tiny_sd_path):
+    return _unet_with_lora(tiny_sd_path)
 
 
 def _inputs(seed=0, batch=2):
@@ -511,14 +515,7 @@ def test_v_prediction_alignment_branch_by_value(tiny_sd_vpred_path):
     both guided passes, balance 1/ᾱ_t1)."""
     from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd_vpred_path, subfolder="unet")
-    unet.requires_grad_(False)
-    tp.add_lora(unet, rank=4, alpha=4, dropout=0.0)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    unet = _unet_with_lora(tiny_sd_vpred_path)
     scheduler = DDPMScheduler.from_pretrained(tiny_sd_vpred_path, subfolder="scheduler")
     assert scheduler.config.prediction_type == "v_prediction"
     alphas = scheduler.alphas_cumprod
