@@ -122,3 +122,19 @@ def test_probe_b_reports_plain_where_blur_wipes_the_pattern(probe_b):
     for name in ("checkered_star", "ringed_circle", "checkered_triangle"):
         preds += probe_lib.classify(probe_b, diagnostics.box_blur(diagnostics.render_subject(name, 16, seed=5), 4))
     assert np.mean([p["pattern"] == "plain" for p in preds]) >= 0.8
+
+
+def test_gradient_diagnostics_run_on_the_shipped_model():
+    """diagnostics.py's gradient measurement builds the models as train_palp.py does and reproduces palp_losses'
+    alignment term from D (it raises if not): one draw on the shipped model, at step 0."""
+    import types
+
+    train_palp = diagnostics.import_train_palp()
+    args = types.SimpleNamespace(model=str(WORLD_DIR / "model"), tidb_steps=1, alpha=15.0, beta=7.5)
+    models = diagnostics.build_models(train_palp, args, "checkered_star")
+    records, grads = diagnostics.measure_draws(train_palp, models, "checkered_star", 1, 15.0, 7.5, 1.0, seed=0)
+    (record,) = records
+    assert record["rms_pers_grad"] > 0 and record["rms_lambda_D"] > 0
+    assert 0.0 <= record["class_pull_share"] <= 1.0
+    # Step 0: the LoRA is zero, so its gradient comes from B alone; both terms reach it and the token row.
+    assert all(torch.isfinite(g).all() and g.norm() > 0 for g in grads[0])

@@ -204,17 +204,18 @@ def build_models(train_palp, args, subject_name, lora_dir=None):
     subject = world.SUBJECTS[subject_name]
     target = world.target_prompts(subject_name)[0][0]
     targs = train_palp.parse_args(base_train_args(train_palp, args, subject_name, target, "/tmp/unused"))
-    tokenizer = train_palp.load_tokenizer(targs)
-    text_encoder, vae, unet, scheduler = train_palp.load_models(targs)
-    _, embedding = train_palp.add_placeholder_tokens(tokenizer, text_encoder, [subject["token"]], [subject["shape"]])
+    conditioner = train_palp.load_text_conditioner(targs)
+    vae, unet, scheduler = train_palp.load_models(targs, conditioner)
+    (embedding,) = conditioner.add_placeholder_tokens([subject["token"]], [subject["shape"]])
     train_palp.add_lora(unet, 8, 8, 0.0)
     if lora_dir is not None:
         train_palp.load_lora(unet, lora_dir)
-        train_palp.load_embeddings(lora_dir, [subject["token"]], embedding)
+        train_palp.load_embeddings(lora_dir, [subject["token"]], conditioner)
     images = train_palp.load_instance_images(str(HERE / "subjects" / subject_name))
     sampler = train_palp.LatentSampler(vae, images, 32, False, False, "cpu", torch.float32)
-    return dict(targs=targs, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
-                scheduler=scheduler, embedding=embedding, sampler=sampler, num_images=len(images))
+    return dict(targs=targs, conditioner=conditioner, tokenizer=conditioner.tokenizers[0],
+                text_encoder=conditioner.text_encoders[0], vae=vae, unet=unet, scheduler=scheduler,
+                embedding=embedding, sampler=sampler, num_images=len(images))
 
 
 def measure_draws(train_palp, models, subject_name, draws, alpha, beta, weight, seed):
@@ -230,14 +231,13 @@ def measure_draws(train_palp, models, subject_name, draws, alpha, beta, weight, 
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     personal_ids = train_palp.tokenize(tokenizer, [f"a photo of {subject['token']}"])
     prompts = world.target_prompts(subject_name)
-    fixed = [train_palp.encode_fixed_prompts(text_encoder, tokenizer, clean, "cpu", torch.float32)
-             for _, clean in prompts]
+    fixed = [models["conditioner"].encode_fixed(clean, "cpu", torch.float32) for _, clean in prompts]
     records, grads = [], []
     for i in range(draws):
         # Distinct draws per subject (its index in world.SUBJECTS), the same ones in every state.
         gen = torch.Generator().manual_seed((seed * 1000 + list(world.SUBJECTS).index(subject_name)) * 100003 + i)
         index = int(torch.randint(0, models["num_images"], (1,), generator=gen))
-        latents = models["sampler"]([index], gen)
+        latents, _ = models["sampler"]([index], gen)
         noise, t1, t2, noise2 = train_palp.sample_step_noise(latents.shape, t_bounds, config, gen)
         cond_clean, uncond = fixed[i % len(prompts)]
         cond_personal = train_palp.encode_prompts(text_encoder, personal_ids)

@@ -33,7 +33,7 @@ PROBE_B = HERE / "probe_b"
 # The world's personalization settings (README): batch 4, LoRA rank 8, learning rate 3e-3.
 WORLD_ARGS = ["--train_batch_size", "4", "--learning_rate", "3e-3", "--rank", "8"]
 PAPER = ["--alignment_mode", "dds", "--guidance_scale_pretrained", "15", "--guidance_scale_personalized", "7.5",
-         "--alignment_weight", "1"]
+         "--alignment_weight", "1", "--alignment_normalization", "none"]
 
 # Every configuration tried goes here and into the results table; labels are stable (they key runs.csv).
 CONFIGS = {
@@ -52,6 +52,8 @@ CONFIGS = {
                                           "--guidance_scale_pretrained", "7.5"],
     # train_palp.py's defaults as they stand: the configuration the held-out check evaluates.
     "PALP (defaults)": ["--alignment_mode", "dds"],
+    # One change at a time from the defaults.
+    "PALP (defaults) w=1-ᾱ": ["--alignment_mode", "dds", "--alignment_weighting", "one_minus_alpha_bar"],
 }
 
 
