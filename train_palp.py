@@ -286,6 +286,15 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "alignment push outweighs the personalization's several times over and the subject is lost. 'none': D as "
         "the paper uses it.",
     )
+    palp.add_argument(
+        "--alignment_projection",
+        type=str,
+        default="none",
+        choices=["none", "residual"],
+        help="'residual' (ours): per sample, remove from D its component along the personalization residual ε̂ − ε "
+        "when that component would make the model reproduce its photos worse (a one-sided gradient projection, "
+        "before --alignment_normalization). 'none': D as it is (the paper).",
+    )
 
     # LoRA.
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (paper: 32).")
@@ -605,6 +614,23 @@ def normalize_direction(direction, reference):
     return direction * ratio
 
 
+def project_off_residual(direction, residual):
+    """D without the part that asks ε̂ to move away from ε: per sample, where ⟨D, ε̂ − ε⟩ > 0, D's component along
+    the personalization residual r = ε̂ − ε is removed (D − ⟨D, r⟩/‖r‖² · r); where it is ≤ 0 D is kept.
+
+    The personalization gradient on ε̂ is 2r, so descent on L_pers moves ε̂ along −r and descent on L_align along +D.
+    A positive ⟨D, r⟩ is the part of the alignment push that makes the model reproduce its own photos worse, which is
+    what the personalization term is there to prevent: the one-sided gradient projection of PCGrad (Yu et al. 2020),
+    per sample, on the one tensor both terms act on. What remains changes ε̂ only in directions the personalization
+    gradient does not oppose to first order.
+    """
+    residual = residual.float()
+    dims = tuple(range(1, residual.ndim))
+    overlap = (direction.float() * residual).sum(dims, keepdim=True)
+    size = residual.pow(2).sum(dims, keepdim=True).clamp_min(1e-12)
+    return direction - overlap.clamp_min(0) / size * residual
+
+
 def alignment_ramp(step, warmup_steps):
     """The factor on λ at optimizer step ``step`` (0-based): linear from 0 to 1 over ``warmup_steps``."""
     if warmup_steps <= 0:
@@ -667,6 +693,7 @@ class AlignmentConfig:
     weighting: str = "uniform"
     rescale: bool = True
     normalization: str = "none"
+    projection: str = "none"
     warmup_steps: int = 0
 
     @classmethod
@@ -681,6 +708,7 @@ class AlignmentConfig:
             weighting=args.alignment_weighting,
             rescale=args.rescale,
             normalization=args.alignment_normalization,
+            projection=args.alignment_projection,
             warmup_steps=args.alignment_warmup_steps,
         )
 
@@ -848,6 +876,8 @@ def palp_losses(
                     prediction_type,
                 )
         direction = alignment_direction(config.mode, g_pre, g_per, noise2.float())
+        if config.projection == "residual":
+            direction = project_off_residual(direction, eps_hat - noise.float())
         if config.normalization == "personalization":
             direction = normalize_direction(direction, 2 * (eps_hat - noise.float()))
     weight = alignment_timestep_weight(a2, config.weighting)
@@ -1754,6 +1784,7 @@ def model_card(config, image_paths, output_dir, conditioner):
             "alignment_timestep_max_ratio",
             "alignment_warmup_steps",
             "alignment_normalization",
+            "alignment_projection",
             "rank",
             "lora_alpha",
             "learning_rate",

@@ -113,6 +113,25 @@ MUTANTS = [
            (("    high = args.timestep_max_ratio if args.alignment_timestep_max_ratio is None else "
              "args.alignment_timestep_max_ratio", "    high = args.timestep_max_ratio"),),
            ("test_t2_range_of_its_own",)),
+    Mutant("D projection skipped",
+           (('        if config.projection == "residual":\n            direction = project_off_residual',
+             '        if False:\n            direction = project_off_residual'),),
+           ("test_projected_alignment_never_pushes_against_the_personalization",)),
+    Mutant("D projection two-sided (also removes the part that helps the personalization)",
+           (("    return direction - overlap.clamp_min(0) / size * residual",
+             "    return direction - overlap / size * residual"),),
+           ("test_projection_removes_only_the_part_of_d_that_undoes_the_personalization",)),
+    Mutant("D projected after the normalisation",
+           (('        if config.projection == "residual":\n            direction = project_off_residual(direction, '
+             'eps_hat - noise.float())\n        if config.normalization == "personalization":\n            direction = '
+             'normalize_direction(direction, 2 * (eps_hat - noise.float()))',
+             '        if config.normalization == "personalization":\n            direction = normalize_direction('
+             'direction, 2 * (eps_hat - noise.float()))\n        if config.projection == "residual":\n            '
+             'direction = project_off_residual(direction, eps_hat - noise.float())'),),
+           ("test_projected_alignment_never_pushes_against_the_personalization",)),
+    Mutant("from_args drops --alignment_projection",
+           (("projection=args.alignment_projection,", 'projection="none",'),),
+           ("test_alignment_config_from_args_round_trip",)),
     Mutant("from_args drops --alignment_normalization",
            (("normalization=args.alignment_normalization,", 'normalization="none",'),),
            ("test_alignment_config_from_args_round_trip",)),

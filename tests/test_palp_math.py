@@ -553,6 +553,7 @@ def test_alignment_config_from_args_round_trip(tmp_path):
         "weighting": ("--alignment_weighting", "one_minus_alpha_bar"),
         "rescale": ("--no-rescale", None),
         "normalization": ("--alignment_normalization", "personalization"),
+        "projection": ("--alignment_projection", "residual"),
         "warmup_steps": ("--alignment_warmup_steps", "7"),
     }
     fields = [f.name for f in dataclasses.fields(tp.AlignmentConfig)]

@@ -138,3 +138,9 @@ def test_gradient_diagnostics_run_on_the_shipped_model():
     assert 0.0 <= record["class_pull_share"] <= 1.0
     # Step 0: the LoRA is zero, so its gradient comes from B alone; both terms reach it and the token row.
     assert all(torch.isfinite(g).all() and g.norm() > 0 for g in grads[0])
+    # The balance diagnostics (normalised D, with and without the projection) on the same models, one batch of 2.
+    (balance,) = diagnostics.measure_balance(train_palp, models, "checkered_star", 1, 2, 15.0, 7.5, seed=0)
+    assert {k for _, k in diagnostics.BALANCE_COLUMNS} <= set(balance)
+    assert all(np.isfinite(v) for v in balance.values())
+    assert balance["lora_ratio"] > 0 and balance["projected_lora_ratio"] > 0
+    assert -1 <= balance["cos_D_residual"] <= 1 and balance["share_conflicting"] in (0.0, 0.5, 1.0)

@@ -183,15 +183,16 @@ def base_train_args(train_palp, args, subject_name, target, out):
     ]
 
 
-def train_tidb(train_palp, args, subject_name, out):
-    """100 TI+DB steps with train_palp.py's own ``cli`` in this process (as ablation.py's ``train_run``)."""
+def train_tidb(train_palp, args, subject_name, out, extra=("--alignment_mode", "none")):
+    """``args.tidb_steps`` TI+DB steps (or, with ``extra``, another configuration) with train_palp.py's own ``cli``
+    in this process (as ablation.py's ``train_run``), on the subject's first dev prompt."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     if (Path(out) / "pytorch_lora_weights.safetensors").exists() and not args.retrain:
         return
     target = world.target_prompts(subject_name)[0][0]
     try:
-        train_palp.cli(base_train_args(train_palp, args, subject_name, target, out) + ["--alignment_mode", "none"])
+        train_palp.cli(base_train_args(train_palp, args, subject_name, target, out) + list(extra))
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
@@ -405,6 +406,103 @@ def run_gradients(args):
             md.append(f"\nBy {title}:\n\n")
             md.append(md_table([title] + header[1:], grad_rows([(x["bin"], x) for x in s[key]])))
     write_outputs(args.output_dir, "gradients", result, "".join(md))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (1a') the balance with the defaults: normalised D, and D projected off the personalization residual
+
+
+def measure_balance(train_palp, models, subject_name, batches, batch, alpha, beta, seed):
+    """Per batch of ``batch`` photos (the world's training batch), on the subject's first dev prompt: the two terms'
+    gradients on the LoRA and the token row with train_palp's default normalised D, with and without
+    ``--alignment_projection residual``, and cos(D, ε̂ − ε) per sample (> 0: D asks the model to reproduce its photo
+    worse)."""
+    unet, text_encoder, tokenizer, embedding = models["unet"], models["text_encoder"], models["tokenizer"], \
+        models["embedding"]
+    subject = world.SUBJECTS[subject_name]
+    alphas = models["scheduler"].alphas_cumprod.float()
+    t_bounds = train_palp.timestep_bounds(models["scheduler"].config.num_train_timesteps, 0.02, 0.98)
+    trainable = [p for p in unet.parameters() if p.requires_grad] + [embedding.rows]
+    personal_ids = train_palp.tokenize(tokenizer, [f"a photo of {subject['token']}"] * batch)
+    cond_clean, uncond = models["conditioner"].encode_fixed(world.target_prompts(subject_name)[0][1], "cpu",
+                                                            torch.float32)
+    configs = {p: train_palp.AlignmentConfig(guidance_scale_pretrained=alpha, guidance_scale_personalized=beta,
+                                             normalization="personalization", projection=p)
+               for p in ("none", "residual")}
+    records = []
+    for i in range(batches):
+        gen = torch.Generator().manual_seed((seed * 1000 + list(world.SUBJECTS).index(subject_name)) * 100003 + i)
+        indices = torch.randint(0, models["num_images"], (batch,), generator=gen).tolist()
+        latents, _ = models["sampler"](indices, gen)
+        noise, t1, t2, noise2 = train_palp.sample_step_noise(latents.shape, t_bounds, configs["none"], gen)
+        record = {}
+        for name, config in configs.items():
+            cond_personal = train_palp.encode_prompts(text_encoder, personal_ids)
+            loss_pers, loss_align = train_palp.palp_losses(unet, unet, latents, noise, t1, t2, noise2, cond_personal,
+                                                           cond_clean, uncond, alphas, "epsilon", config)
+            g_pers = torch.autograd.grad(loss_pers, trainable, retain_graph=True)
+            g_align = torch.autograd.grad(loss_align, trainable)
+            flat = lambda gs: torch.cat([g.flatten() for g in gs[:-1]])  # noqa: E731
+            tag = "" if name == "none" else "projected_"
+            record[tag + "lora_ratio"] = float(flat(g_align).norm() / flat(g_pers).norm())
+            record[tag + "lora_cosine"] = cosine(flat(g_pers), flat(g_align))
+            record[tag + "token_ratio"] = float(g_align[-1].norm() / g_pers[-1].norm())
+            record[tag + "token_cosine"] = cosine(g_pers[-1].flatten(), g_align[-1].flatten())
+        with torch.no_grad():
+            a1, a2 = alphas[t1], alphas[t2]
+            x_t1 = train_palp.add_noise(latents, noise, a1)
+            cond_personal = train_palp.encode_prompts(text_encoder, personal_ids)
+            eps_hat = unet(x_t1, t1, encoder_hidden_states=cond_personal).sample.float()
+            x_t2 = train_palp.add_noise(train_palp.predicted_original_sample(x_t1, eps_hat, a1), noise2, a2)
+            with train_palp.lora_disabled(unet):
+                g_pre = train_palp.guided_epsilon(unet, x_t2, t2, cond_clean.expand(batch), uncond, alpha, a2,
+                                                  "epsilon")
+            g_per = train_palp.guided_epsilon(unet, x_t2, t2, cond_personal, uncond, beta, a2, "epsilon")
+            direction, residual = (g_pre - g_per).flatten(1), (eps_hat - noise).flatten(1)
+            cos = torch.nn.functional.cosine_similarity(direction, residual)
+        record["cos_D_residual"] = float(cos.mean())
+        record["share_conflicting"] = float((cos > 0).float().mean())
+        records.append(record)
+    return records
+
+
+BALANCE_COLUMNS = [("‖∇LoRA‖ align / pers", "lora_ratio"), ("cos LoRA", "lora_cosine"),
+                   ("‖∇token‖ align / pers", "token_ratio"), ("cos token", "token_cosine"),
+                   ("cos(D, ε̂ − ε)", "cos_D_residual"), ("share with cos > 0", "share_conflicting"),
+                   ("projected: ‖∇LoRA‖ ratio", "projected_lora_ratio"), ("projected: cos LoRA", "projected_lora_cosine"),
+                   ("projected: cos token", "projected_token_cosine")]
+
+
+def run_balance(args):
+    torch.set_num_threads(args.num_threads)
+    train_palp = import_train_palp()
+    states = {"step 0": None, f"TI+DB, {args.tidb_steps} steps": ("--alignment_mode", "none"),
+              f"PALP (defaults), {args.tidb_steps} steps": ("--alignment_mode", "dds")}
+    result = {"settings": {"normalization": "personalization", "alpha": args.alpha, "beta": args.beta, "lambda": 1.0,
+                           "batch": args.batch, "batches_per_subject": args.batches, "steps": args.tidb_steps,
+                           "subjects": args.subjects}, "states": {}}
+    for state, extra in states.items():
+        records = []
+        for name in args.subjects:
+            lora_dir = None
+            if extra is not None:
+                lora_dir = Path(args.work_dir) / f"balance_{extra[1]}_{args.tidb_steps}_{name}"
+                train_tidb(train_palp, args, name, lora_dir, extra)
+            models = build_models(train_palp, args, name, lora_dir)
+            records += [dict(r, subject=name) for r in measure_balance(train_palp, models, name, args.batches,
+                                                                       args.batch, args.alpha, args.beta, args.seed)]
+            print(f"{state} {name}: {args.batches} batches", flush=True)
+        result["states"][state] = {"mean": {k: float(np.mean([r[k] for r in records])) for _, k in BALANCE_COLUMNS},
+                                   "batches": records}
+    md = [f"# The balance with the defaults (normalised D, λ = 1, α = {args.alpha}, β = {args.beta}), "
+          f"{len(args.subjects)} dev subjects "
+          f"× {args.batches} batches of {args.batch}\n\n",
+          "Gradients of the two terms on the LoRA and on the token row (separate backward passes), their norm ratio "
+          "and cosine, without and with `--alignment_projection residual`; cos(D, ε̂ − ε) per sample. Means over "
+          "batches.\n\n"]
+    rows = [[state] + [s["mean"][k] for _, k in BALANCE_COLUMNS] for state, s in result["states"].items()]
+    md.append(md_table(["state"] + [c for c, _ in BALANCE_COLUMNS], rows))
+    write_outputs(args.output_dir, "balance", result, "".join(md))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -656,6 +754,7 @@ def parse_args(input_args=None):
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {name: sub.add_parser(name, help=text) for name, text in (
         ("gradients", "Per-term gradient magnitudes, binned by t1 and t2, at step 0 and after TI+DB steps."),
+        ("balance", "The two terms' gradients with the defaults (normalised D), with and without the projection."),
         ("cfg", "The base model's probe accuracy and dev prompt alignment at several CFG scales."),
         ("ceiling", "Each dev subject rendered in each target context, raw and after the autoencoder."),
         ("audit", "The probes' answers on counterfactual images of the dev subjects."))}
@@ -664,18 +763,23 @@ def parse_args(input_args=None):
         p.add_argument("--probe_b", type=str, default=str(PROBE_B), help="The second probe's folder.")
         p.add_argument("--output_dir", type=str, default=str(DEFAULT_OUTPUT), help="Where figures are written.")
         p.add_argument("--num_threads", type=int, default=1, help="torch CPU threads.")
+    for name, steps in (("gradients", 100), ("balance", 200)):
+        p = commands[name]
+        p.add_argument("--subjects", type=str, nargs="+", default=list(world.SUBJECTS), choices=list(world.SUBJECTS),
+                       help="Dev subjects.")
+        p.add_argument("--alpha", type=float, default=15.0, help="α (paper).")
+        p.add_argument("--beta", type=float, default=7.5, help="β (paper).")
+        p.add_argument("--tidb_steps", type=int, default=steps, help="Training steps of the trained state(s).")
+        p.add_argument("--seed", type=int, default=0, help="Seed of the draws.")
+        p.add_argument("--work_dir", type=str, default="runs/diagnostics", help="Where the trained runs are written.")
+        p.add_argument("--retrain", action="store_true", help="Retrain the runs even if present.")
     g = commands["gradients"]
-    g.add_argument("--subjects", type=str, nargs="+", default=list(world.SUBJECTS), choices=list(world.SUBJECTS),
-                   help="Dev subjects.")
     g.add_argument("--draws", type=int, default=96, help="Single-image draws per subject and state.")
     g.add_argument("--bins", type=int, default=5, help="Bins of t1 and t2 over [0.02T, 0.98T].")
-    g.add_argument("--alpha", type=float, default=15.0, help="α (paper).")
-    g.add_argument("--beta", type=float, default=7.5, help="β (paper).")
     g.add_argument("--weight", type=float, default=1.0, help="λ.")
-    g.add_argument("--tidb_steps", type=int, default=100, help="TI+DB steps of the second state.")
-    g.add_argument("--seed", type=int, default=0, help="Seed of the draws.")
-    g.add_argument("--work_dir", type=str, default="runs/diagnostics", help="Where the TI+DB runs are written.")
-    g.add_argument("--retrain", action="store_true", help="Retrain the TI+DB runs even if present.")
+    b = commands["balance"]
+    b.add_argument("--batches", type=int, default=12, help="Batches per subject and state.")
+    b.add_argument("--batch", type=int, default=4, help="Photos per batch (the world's training batch).")
     c = commands["cfg"]
     c.add_argument("--guidance_scales", type=float, nargs="+", default=[5.0, 7.5, 10.0, 15.0], help="CFG scales.")
     c.add_argument("--num_samples", type=int, default=128, help="Held-out captions sampled per scale.")
@@ -687,4 +791,4 @@ def parse_args(input_args=None):
 
 if __name__ == "__main__":
     args = parse_args()
-    {"gradients": run_gradients, "cfg": run_cfg, "ceiling": run_ceiling, "audit": run_audit}[args.command](args)
+    {"gradients": run_gradients, "balance": run_balance, "cfg": run_cfg, "ceiling": run_ceiling, "audit": run_audit}[args.command](args)

@@ -54,6 +54,7 @@ CONFIGS = {
     "PALP (defaults)": ["--alignment_mode", "dds"],
     # One change at a time from the defaults.
     "PALP (defaults) w=1-ᾱ": ["--alignment_mode", "dds", "--alignment_weighting", "one_minus_alpha_bar"],
+    "PALP (defaults) projected D": ["--alignment_mode", "dds", "--alignment_projection", "residual"],
 }
 
 
