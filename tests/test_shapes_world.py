@@ -129,6 +129,40 @@ def test_train_palp_runs_on_the_shipped_model(tmp_path):
     images = evaluate.sample(pipe, f"a sketch of {subject['token']} on a blue background", 2, 0, 5.0, 2)
     assert images.shape == (2, 32, 32, 3)
 
+    # evaluate.py's report as the quickstart writes it: one row per run, both probes, per-method means.
+    run = str(tmp_path / "run")
+    evaluate.main(evaluate.parse_args(["--runs", run, run, "--labels", "a", "b", "--methods", "M", "M",
+                                       "--num_samples", "2", "--num_inference_steps", "2",
+                                       "--output_dir", str(tmp_path / "eval")]))
+    import json
+
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    base, a, b = report["results"]
+    assert base["label"] == "base, clean prompt" and 0 <= a["probe_b_subject_fidelity"] <= 1
+    assert a["subject_fidelity"] == b["subject_fidelity"]  # the same run, the same sample seeds
+    mean = report["methods"]["M"]
+    assert mean["runs"] == 2 and mean["subject_fidelity"]["mean"] == pytest.approx(a["subject_fidelity"])
+    assert mean["colour"]["mean"] == pytest.approx(a["identity"]["colour"])
+    assert "| M | 2 |" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+def test_report_means_per_method():
+    import evaluate
+
+    def result(label, fidelity, colour):
+        return {"label": label, "prompt_alignment": 1.0, "subject_fidelity": fidelity, "identity_exact": 0.0,
+                "identity": {"colour": colour, "pattern": 0.0, "shape": 1.0}}
+
+    results = [result("base, clean prompt", 0.3, 0.0), result("x0", 0.5, 0.25), result("y0", 0.6, 1.0),
+               result("x1", 0.7, 0.75)]
+    summary = evaluate.method_means(results, ["X", "Y", "X"])
+    assert list(summary) == ["X", "Y"] and summary["X"]["runs"] == 2
+    assert summary["X"]["subject_fidelity"] == {"mean": pytest.approx(0.6), "min": 0.5, "max": 0.7}
+    assert summary["X"]["colour"]["mean"] == pytest.approx(0.5) and summary["Y"]["colour"]["mean"] == 1.0
+    assert "probe_b_subject_fidelity" not in summary["X"]  # not measured: left out, not invented
+    with pytest.raises(ValueError, match="--methods"):
+        evaluate.method_means(results, ["X"])
+
 
 def test_probe_reads_rendered_scenes_of_known_attributes():
     import probe as probe_lib

@@ -7,7 +7,9 @@ the probe measures:
 - prompt alignment: the fraction of the clean target prompt's elements (style, class, and where named background,
   companion, night) present in an image, averaged over the samples;
 - subject fidelity: the fraction of the subject's identity (class, colour, pattern) present, averaged;
-- identity exact: the fraction of samples with all three identity attributes right.
+- identity exact: the fraction of samples with all three identity attributes right;
+- the colour and the pattern hit rates on their own, and the subject fidelity read by the second, independently
+  trained probe B (``probe_b/``), beside the shipped probe's.
 
 The base model itself, given the clean prompt, is scored as the first row (it follows the prompt but cannot know the
 subject). Writes ``metrics.json``, ``metrics.md`` and ``grid.png`` (rows: base with the clean prompt, then each run)
@@ -82,7 +84,17 @@ def read_run(run_dir):
     }
 
 
-def evaluate_runs(runs, labels, probe, num_samples, seed, guidance_scale, steps, model=None, include_base=True):
+def scores_of(probe, images, clean_prompt, identity, probe_b=None):
+    """The shipped probe's scores, and with ``probe_b`` the second probe's subject fidelity beside them."""
+    scores = score(probe_lib.classify(probe, images), clean_prompt, identity)
+    if probe_b is not None:
+        scores["probe_b_subject_fidelity"] = score(probe_lib.classify(probe_b, images), clean_prompt,
+                                                   identity)["subject_fidelity"]
+    return scores
+
+
+def evaluate_runs(runs, labels, probe, num_samples, seed, guidance_scale, steps, model=None, include_base=True,
+                  probe_b=None):
     """Rows of (label, prompt, images, scores): the base model on the clean prompt first, then each run."""
     first = read_run(runs[0])
     model = model or first["model"]
@@ -92,13 +104,13 @@ def evaluate_runs(runs, labels, probe, num_samples, seed, guidance_scale, steps,
     if include_base:
         base = probe_lib.load_pipeline(model)
         images = sample(base, first["clean"], num_samples, seed, guidance_scale, steps)
-        rows.append(("base, clean prompt", first["clean"], images, score(probe_lib.classify(probe, images),
-                                                                         first["clean"], identity)))
+        rows.append(("base, clean prompt", first["clean"], images,
+                     scores_of(probe, images, first["clean"], identity, probe_b)))
     for run, label in zip(runs, labels):
         info = read_run(run)
         pipe = load_personalized(model, run)
         images = sample(pipe, info["target"], num_samples, seed, guidance_scale, steps)
-        rows.append((label, info["target"], images, score(probe_lib.classify(probe, images), info["clean"], identity)))
+        rows.append((label, info["target"], images, scores_of(probe, images, info["clean"], identity, probe_b)))
     return rows
 
 
@@ -119,18 +131,61 @@ def draw_grid(rows, path, scale=3, label_width=150):
     grid.save(path)
 
 
-def write_report(rows, output_dir, settings):
+REPORT_COLUMNS = [("prompt alignment", "prompt_alignment"), ("subject fidelity", "subject_fidelity"),
+                  ("colour", "colour"), ("pattern", "pattern"), ("identity exact", "identity_exact"),
+                  ("subject fidelity (probe B)", "probe_b_subject_fidelity")]
+
+
+def report_values(scores):
+    flat = {**scores, "colour": scores["identity"]["colour"], "pattern": scores["identity"]["pattern"]}
+    return {key: flat.get(key) for _, key in REPORT_COLUMNS}
+
+
+def method_means(results, methods):
+    """Per method (in order of first appearance), the mean and the range over its runs (one run per training
+    seed) of every report column; the base row, which has no method, is left out."""
+    runs = [r for r in results if r["label"] != "base, clean prompt"]
+    if len(methods) != len(runs):
+        raise ValueError("--methods needs one method per --runs folder")
+    out = {}
+    for method, r in zip(methods, runs):
+        out.setdefault(method, []).append(report_values(r))
+    summary = {}
+    for method, values in out.items():
+        summary[method] = {"runs": len(values)}
+        for _, key in REPORT_COLUMNS:
+            column = [v[key] for v in values if v[key] is not None]
+            if column:
+                summary[method][key] = {"mean": float(np.mean(column)), "min": float(min(column)),
+                                        "max": float(max(column))}
+    return summary
+
+
+def write_report(rows, output_dir, settings, methods=None):
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = [{"label": label, "prompt": prompt, **scores} for label, prompt, _, scores in rows]
-    (out / "metrics.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
-    lines = ["| model | prompt | prompt alignment | subject fidelity | identity exact |", "|---|---|---|---|---|"]
+    summary = method_means(results, methods) if methods else None
+    (out / "metrics.json").write_text(json.dumps({"settings": settings, "results": results, "methods": summary},
+                                                 indent=1))
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| model | prompt | " + " | ".join(c for c, _ in REPORT_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(REPORT_COLUMNS)]
     for r in results:
-        lines.append(f"| {r['label']} | `{r['prompt']}` | {r['prompt_alignment']:.3f} | {r['subject_fidelity']:.3f} "
-                     f"| {r['identity_exact']:.3f} |")
+        values = report_values(r)
+        lines.append(f"| {r['label']} | `{r['prompt']}` | " + " | ".join(fmt(values[k]) for _, k in REPORT_COLUMNS)
+                     + " |")
+    if summary:
+        lines += ["", "Mean over each method's runs (one per training seed), [lowest, highest] run:", "",
+                  "| method | runs | " + " | ".join(c for c, _ in REPORT_COLUMNS) + " |",
+                  "|---|---|" + "---|" * len(REPORT_COLUMNS)]
+        for method, s in summary.items():
+            cells = [f"{s[k]['mean']:.3f} [{s[k]['min']:.2f}, {s[k]['max']:.2f}]" if k in s else "–"
+                     for _, k in REPORT_COLUMNS]
+            lines.append(f"| {method} | {s['runs']} | " + " | ".join(cells) + " |")
     (out / "metrics.md").write_text("\n".join(lines) + "\n")
     draw_grid(rows, out / "grid.png")
-    return results
+    return results, summary
 
 
 def parse_args(input_args=None):
@@ -140,6 +195,11 @@ def parse_args(input_args=None):
     parser.add_argument("--model", type=str, default=None,
                         help="Base model folder (default: the one named in the first run's training_config.json).")
     parser.add_argument("--probe", type=str, default=str(probe_lib.DEFAULT_PROBE), help="The probe folder.")
+    parser.add_argument("--probe_b", type=str, default=str(HERE / "probe_b"),
+                        help="The second probe's folder, whose subject fidelity is reported beside; '' for none.")
+    parser.add_argument("--methods", type=str, nargs="+", default=None,
+                        help="The method of each run (e.g. one run per training seed): adds a table of per-method "
+                        "means.")
     parser.add_argument("--num_samples", type=int, default=8, help="Samples per row.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first sample.")
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="CFG scale of sampling.")
@@ -153,14 +213,22 @@ def main(args):
     labels = args.labels or [Path(r).name for r in args.runs]
     if len(labels) != len(args.runs):
         raise SystemExit("error: --labels needs one label per --runs folder")
+    if args.methods and len(args.methods) != len(args.runs):
+        raise SystemExit("error: --methods needs one method per --runs folder")
     probe = probe_lib.load_probe(args.probe)
+    probe_b = probe_lib.load_probe(args.probe_b) if args.probe_b else None
     rows = evaluate_runs(args.runs, labels, probe, args.num_samples, args.seed, args.guidance_scale,
-                         args.num_inference_steps, model=args.model)
+                         args.num_inference_steps, model=args.model, probe_b=probe_b)
     settings = {"num_samples": args.num_samples, "seed": args.seed, "guidance_scale": args.guidance_scale,
                 "num_inference_steps": args.num_inference_steps}
-    for r in write_report(rows, args.output_dir, settings):
+    results, summary = write_report(rows, args.output_dir, settings, args.methods)
+    for r in results:
         print(f"{r['label']:>22}: prompt alignment {r['prompt_alignment']:.3f}  subject fidelity "
-              f"{r['subject_fidelity']:.3f}  identity exact {r['identity_exact']:.3f}")
+              f"{r['subject_fidelity']:.3f}  colour {r['identity']['colour']:.3f}  identity exact "
+              f"{r['identity_exact']:.3f}")
+    for method, s in (summary or {}).items():
+        print(f"{method:>22}: mean over {s['runs']} runs: prompt alignment {s['prompt_alignment']['mean']:.3f}  "
+              f"subject fidelity {s['subject_fidelity']['mean']:.3f}  colour {s['colour']['mean']:.3f}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ WORLD_ARGS = ["--train_batch_size", "4", "--learning_rate", "3e-3", "--rank", "8
 PAPER = ["--alignment_mode", "dds", "--guidance_scale_pretrained", "15", "--guidance_scale_personalized", "7.5",
          "--alignment_weight", "1", "--alignment_normalization", "none"]
 
+DESCRIBED = "{described clean prompt}"  # replaced per run by described_clean_prompt()
+
 # Every configuration tried goes here and into the results table; labels are stable (they key runs.csv).
 CONFIGS = {
     "TI+DB": ["--alignment_mode", "none"],
@@ -55,6 +57,11 @@ CONFIGS = {
     # One change at a time from the defaults.
     "PALP (defaults) w=1-ᾱ": ["--alignment_mode", "dds", "--alignment_weighting", "one_minus_alpha_bar"],
     "PALP (defaults) projected D": ["--alignment_mode", "dds", "--alignment_projection", "residual"],
+    "PALP (defaults) projected D λ=2": ["--alignment_mode", "dds", "--alignment_projection", "residual",
+                                        "--alignment_weight", "2"],
+    # y_c names what the subject looks like ("a sketch of a yellow checkered star on ..."), as a user can write it
+    # with --clean_prompt: D then has no reason to pull the colour and pattern towards the class average.
+    "PALP (defaults) described y_c": ["--alignment_mode", "dds", "--clean_prompt", DESCRIBED],
 }
 
 
@@ -91,6 +98,16 @@ def train_command(model, photos, subject, target, max_steps, checkpointing_steps
         "--max_train_steps", str(max_steps), "--checkpointing_steps", str(checkpointing_steps), "--seed", str(seed),
         "--num_validation_images", "0", "--report_to", "none", "--output_dir", str(out), "--overwrite_output_dir",
     ] + WORLD_ARGS
+
+
+def described_clean_prompt(subject, clean):
+    """The clean prompt with the class noun described as the world's captions write it: 'a sketch of a star …' →
+    'a sketch of a yellow checkered star …' (a plain pattern is not named)."""
+    words = [subject["colour"]] + ([subject["pattern"]] if subject["pattern"] != "plain" else []) + [subject["shape"]]
+    described = clean.replace(f"a {subject['shape']}", "a " + " ".join(words), 1)
+    if described == clean:
+        raise ValueError(f"{clean!r} does not name 'a {subject['shape']}'")
+    return described
 
 
 def diversity(images):
@@ -159,7 +176,9 @@ def main(args):
                 for group in groups:
                     run_dir = out / "runs" / ablation.slug(config) / subject_name / f"p{group[0]}_s{seed}"
                     command = train_command(args.model, subjects_dir / subject_name, subject, pairs[group[0]][0],
-                                            max_steps, min(args.steps), seed, run_dir) + CONFIGS[config]
+                                            max_steps, min(args.steps), seed, run_dir)
+                    described = described_clean_prompt(subject, pairs[group[0]][1])
+                    command += [described if a == DESCRIBED else a for a in CONFIGS[config]]
                     t0 = time.time()
                     ablation.train_run(train_palp, command)
                     seconds = time.time() - t0

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # PALP on the shapes world, CPU only: install the requirements, personalize the shipped base model to one subject
-# (a checkered star it has never seen) for one target prompt, once as plain TI + DreamBooth-LoRA and once with PALP,
-# then sample both and score them with the probe.
+# (a checkered star it has never seen) for one target prompt, as plain TI + DreamBooth-LoRA and with PALP, each with
+# two training seeds, then sample every run and score it with both probes.
 #
 #   bash examples/shapes_world/quickstart.sh            # from the repository root (or anywhere: it cds there)
 #
-# Leaves in $OUT (default runs/shapes_quickstart): ti_db/ and palp/ (LoRA + learned embedding + training config),
-# grid.png (rows: base model with the clean prompt / TI+DB / PALP), metrics.md and metrics.json.
+# Leaves in $OUT (default runs/shapes_quickstart): ti_db_s<seed>/ and palp_s<seed>/ (LoRA + learned embedding +
+# training config), grid.png (rows: base model with the clean prompt, then each run), metrics.md and metrics.json
+# (each run, and each method's mean over its seeds).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 OUT=${OUT:-runs/shapes_quickstart}
 STEPS=${STEPS:-200}
+SEEDS=${SEEDS:-"0 1"}   # one run per training seed and method: one seed alone is not a result
 # One thread per process: on a small, shared CPU, torch's default of one thread per core oversubscribes the cores
 # and can be several times slower.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -21,8 +23,12 @@ TARGET="a sketch of ${TOKEN} on a blue background"
 
 python -m pip install -r requirements.txt
 
+RUNS=(); LABELS=(); METHODS=()
 for MODE in none dds; do
-  NAME=$([ "$MODE" = none ] && echo ti_db || echo palp)
+for SEED in $SEEDS; do
+  METHOD=$([ "$MODE" = none ] && echo "TI+DB" || echo "PALP")
+  NAME=$([ "$MODE" = none ] && echo ti_db || echo palp)_s${SEED}
+  RUNS+=("${OUT}/${NAME}"); LABELS+=("${METHOD}, seed ${SEED}"); METHODS+=("${METHOD}")
   accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     train_palp.py \
     --pretrained_model_name_or_path examples/shapes_world/model \
@@ -37,7 +43,7 @@ for MODE in none dds; do
     --train_batch_size 4 \
     --learning_rate 3e-3 \
     --rank 8 \
-    --seed 0 \
+    --seed ${SEED} \
     --num_validation_images 4 \
     --validation_guidance_scale 5 \
     --report_to none \
@@ -45,8 +51,9 @@ for MODE in none dds; do
     --overwrite_output_dir \
     --output_dir "${OUT}/${NAME}"
 done
+done
 
 python examples/shapes_world/evaluate.py \
-  --runs "${OUT}/ti_db" "${OUT}/palp" --labels "TI+DB" "PALP" \
+  --runs "${RUNS[@]}" --labels "${LABELS[@]}" --methods "${METHODS[@]}" \
   --num_samples 8 --output_dir "${OUT}"
 echo "Grid: ${OUT}/grid.png   Metrics: ${OUT}/metrics.md"
