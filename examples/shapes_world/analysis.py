@@ -196,8 +196,8 @@ def plot_table(entries, path, baseline="TI+DB"):
         sel = sorted((e for e in entries if e["config"] == config), key=lambda e: e["steps"])
         x = [e["subject_fidelity"][0] for e in sel]
         y = [e["prompt_alignment"][0] for e in sel]
-        style = "k--" if config == baseline else "-"
-        ax.plot(x, y, style, marker="osD^v<>Pp*X"[i % 11], label=config)
+        colour = "black" if config == baseline else plt.get_cmap("tab20")(i % 20)  # one colour per configuration
+        ax.plot(x, y, "--" if config == baseline else "-", color=colour, marker="osD^v<>Pp*X"[i % 11], label=config)
         for e in sel:
             ax.annotate(str(e["steps"]), (e["subject_fidelity"][0], e["prompt_alignment"][0]), fontsize=6,
                         textcoords="offset points", xytext=(3, 3))
