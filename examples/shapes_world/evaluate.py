@@ -75,12 +75,17 @@ def score(preds, clean_prompt, identity):
 
 
 def read_run(run_dir):
+    """A run's model, token and target prompt, and the clean prompt it is scored against: the target with the token
+    replaced by 'a <class>', whatever y_c the run was trained with (a y_c that describes the subject's colour and
+    pattern would otherwise count them as prompt elements)."""
     config = json.loads(Path(run_dir, "training_config.json").read_text())
+    _, subject = subject_for_token(config["placeholder_token"])
     return {
         "model": config["pretrained_model_name_or_path"],
         "token": config["placeholder_token"],
         "target": config["target_prompt"],
-        "clean": config.get("clean_prompt_resolved") or config["clean_prompt"],
+        "clean": config["target_prompt"].replace(config["placeholder_token"], f"a {subject['shape']}"),
+        "trained_clean": config.get("clean_prompt_resolved") or config["clean_prompt"],
     }
 
 

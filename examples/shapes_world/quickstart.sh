@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # PALP on the shapes world, CPU only: install the requirements, personalize the shipped base model to one subject
-# (a checkered star it has never seen) for one target prompt, as plain TI + DreamBooth-LoRA and with PALP, each with
-# two training seeds, then sample every run and score it with both probes.
+# (a checkered star it has never seen) for one target prompt, as plain TI + DreamBooth-LoRA and with PALP (with the
+# default clean prompt y_c and with one that describes the subject), each with two training seeds, then sample every
+# run and score it with both probes.
 #
 #   bash examples/shapes_world/quickstart.sh            # from the repository root (or anywhere: it cds there)
 #
-# Leaves in $OUT (default runs/shapes_quickstart): ti_db_s<seed>/ and palp_s<seed>/ (LoRA + learned embedding +
-# training config), grid.png (rows: base model with the clean prompt, then each run), metrics.md and metrics.json
+# Leaves in $OUT (default runs/shapes_quickstart): ti_db_s<seed>/, palp_s<seed>/, palp_described_s<seed>/ (LoRA +
+# learned embedding + training config), grid.png (rows: base model with the clean prompt, then each run), metrics.md and metrics.json
 # (each run, and each method's mean over its seeds).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,12 +24,19 @@ TARGET="a sketch of ${TOKEN} on a blue background"
 
 python -m pip install -r requirements.txt
 
+# PALP twice: with the default y_c ("a sketch of a star on a blue background") and with a y_c that describes the
+# subject's appearance, as a user can write it with --clean_prompt (see README: it keeps more of the subject).
+DESCRIBED="a sketch of a yellow checkered star on a blue background"
+
 RUNS=(); LABELS=(); METHODS=()
-for MODE in none dds; do
+for NAME in ti_db palp palp_described; do
 for SEED in $SEEDS; do
-  METHOD=$([ "$MODE" = none ] && echo "TI+DB" || echo "PALP")
-  NAME=$([ "$MODE" = none ] && echo ti_db || echo palp)_s${SEED}
-  RUNS+=("${OUT}/${NAME}"); LABELS+=("${METHOD}, seed ${SEED}"); METHODS+=("${METHOD}")
+  case $NAME in
+    ti_db) METHOD="TI+DB"; EXTRA=(--alignment_mode none) ;;
+    palp) METHOD="PALP"; EXTRA=(--alignment_mode dds) ;;
+    palp_described) METHOD="PALP, described y_c"; EXTRA=(--alignment_mode dds --clean_prompt "${DESCRIBED}") ;;
+  esac
+  RUNS+=("${OUT}/${NAME}_s${SEED}"); LABELS+=("${METHOD}, seed ${SEED}"); METHODS+=("${METHOD}")
   accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     train_palp.py \
     --pretrained_model_name_or_path examples/shapes_world/model \
@@ -37,7 +45,7 @@ for SEED in $SEEDS; do
     --class_name star \
     --personalization_prompt "a photo of {token}" \
     --target_prompt "${TARGET}" \
-    --alignment_mode ${MODE} \
+    "${EXTRA[@]}" \
     --resolution 32 \
     --max_train_steps ${STEPS} \
     --train_batch_size 4 \
@@ -49,7 +57,7 @@ for SEED in $SEEDS; do
     --report_to none \
     --checkpointing_steps 1000000 \
     --overwrite_output_dir \
-    --output_dir "${OUT}/${NAME}"
+    --output_dir "${OUT}/${NAME}_s${SEED}"
 done
 done
 
