@@ -65,3 +65,36 @@ def test_several_step_counts_must_be_named():
     with pytest.raises(SystemExit, match="@N"):
         analysis.paired(rows, "PALP", "TI+DB@200")
     assert len(analysis.paired(rows, "PALP@100", "TI+DB@200")) == 72
+
+
+def test_experiment_configurations_reach_train_palp_as_labelled():
+    """Each label's flags give train_palp.py the alignment settings the label names: the paper's D is unnormalised
+    (now that the normalisation is the default), the defaults are the script's own, and a described y_c names the
+    subject's colour and pattern for every subject of both splits."""
+    import experiment
+    import train_palp
+
+    def config_of(label, subject="checkered_star", index=0):
+        subject_dict = world.find_subject(subject)
+        target, clean = world.target_prompts(subject)[index]
+        photos = experiment.HERE / ("subjects" if world.split_of(subject) == "dev" else "subjects_heldout") / subject
+        command = experiment.train_command(str(experiment.HERE / "model"), photos, subject_dict, target, 10, 10, 0,
+                                           "out")
+        described = experiment.described_clean_prompt(subject_dict, clean)
+        command += [described if a == experiment.DESCRIBED else a for a in experiment.CONFIGS[label]]
+        return train_palp.parse_args(command)
+
+    assert train_palp.AlignmentConfig.from_args(config_of("PALP (paper)")).normalization == "none"
+    assert train_palp.AlignmentConfig.from_args(config_of("PALP normalised D")).normalization == "personalization"
+    defaults = config_of("PALP (defaults)")
+    assert train_palp.AlignmentConfig.from_args(defaults).normalization == "personalization"
+    assert defaults.clean_prompt is None and train_palp.AlignmentConfig.from_args(config_of("TI+DB")).mode == "none"
+    for split in ("dev", "heldout"):
+        for name in world.SPLITS[split][0]:
+            subject = world.find_subject(name)
+            for index, (_, clean) in enumerate(world.target_prompts(name)):
+                y_c = config_of("PALP (defaults) described y_c", name, index).clean_prompt
+                asked = world.parse_caption(y_c)
+                assert asked["shape"] == subject["shape"] and asked["colour"] == subject["colour"]
+                assert asked.get("pattern", "plain") == subject["pattern"]
+                assert {k: v for k, v in asked.items() if k not in ("colour", "pattern")} == world.parse_caption(clean)
