@@ -198,7 +198,9 @@ def parse_args(input_args=None):
         type=str,
         required=True,
         help="Clean prompt y_c for the pre-trained model: the whole scene with class nouns and no learned token, "
-        "'An oil painting of a cat sitting on a rock' (paper: one prompt for all subjects).",
+        "'An oil painting of a cat sitting on a rock' (paper: one prompt for all subjects). The alignment term pulls "
+        "each subject towards what y_c says of it, so naming their visible traits ('… of a ginger tabby cat …') keeps "
+        "more of their look, for a little prompt alignment (ours; README, 'Balancing the two terms').",
     )
 
     add_training_arguments(parser, guidance_scale_pretrained=7.5, guidance_scale_personalized=1.0)
