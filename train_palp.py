@@ -155,8 +155,8 @@ def parse_args(input_args=None):
         help="Clean target prompt y_c for the pre-trained model, without any learned token. "
         "Default: the target prompt with the placeholder replaced by 'a <class_name>' (paper). The alignment term "
         "pulls the subject towards what y_c describes, so naming the subject's visible traits here ('A sketch of a "
-        "ginger tabby cat in Paris') keeps more of its look, for a little prompt alignment (ours; README, 'Balancing "
-        "the two terms').",
+        "ginger tabby cat in Paris') keeps more of its look, for a little prompt alignment, where the pre-trained model "
+        "knows those words (ours; README, 'Balancing the two terms').",
     )
 
     add_training_arguments(parser, guidance_scale_pretrained=15.0, guidance_scale_personalized=7.5)

@@ -200,7 +200,8 @@ def parse_args(input_args=None):
         help="Clean prompt y_c for the pre-trained model: the whole scene with class nouns and no learned token, "
         "'An oil painting of a cat sitting on a rock' (paper: one prompt for all subjects). The alignment term pulls "
         "each subject towards what y_c says of it, so naming their visible traits ('… of a ginger tabby cat …') keeps "
-        "more of their look, for a little prompt alignment (ours; README, 'Balancing the two terms').",
+        "more of their look, for a little prompt alignment, where the pre-trained model knows those words (ours; "
+        "README, 'Balancing the two terms').",
     )
 
     add_training_arguments(parser, guidance_scale_pretrained=7.5, guidance_scale_personalized=1.0)
