@@ -554,6 +554,7 @@ def test_alignment_config_from_args_round_trip(tmp_path):
         "rescale": ("--no-rescale", None),
         "normalization": ("--alignment_normalization", "personalization"),
         "projection": ("--alignment_projection", "residual"),
+        "gradient": ("--alignment_gradient", "lora"),
         "warmup_steps": ("--alignment_warmup_steps", "7"),
     }
     fields = [f.name for f in dataclasses.fields(tp.AlignmentConfig)]

@@ -62,6 +62,18 @@ CONFIGS = {
     # y_c names what the subject looks like ("a sketch of a yellow checkered star on ..."), as a user can write it
     # with --clean_prompt: D then has no reason to pull the colour and pattern towards the class average.
     "PALP (defaults) described y_c": ["--alignment_mode", "dds", "--clean_prompt", DESCRIBED],
+    # Frontiers (issue: move the alignment–fidelity line, not along it): each mechanism at several strengths λ, on
+    # the paper's unnormalised D so that the push does not fade as the LoRA memorises its photos.
+    "PALP λ=0.6": PAPER + ["--alignment_weight", "0.6"],
+    **{f"class-cancelling D λ={w}": PAPER + ["--alignment_mode", "class_delta", "--alignment_weight", w]
+       for w in ("0.1", "0.3", "0.6", "1")},
+    **{f"identity-projected D λ={w}": PAPER + ["--alignment_projection", "identity", "--alignment_weight", w]
+       for w in ("0.1", "0.3", "0.6", "1")},
+    **{f"D on the LoRA only λ={w}": PAPER + ["--alignment_gradient", "lora", "--alignment_weight", w]
+       for w in ("0.1", "0.3", "0.6", "1")},
+    **{f"identity-bearing teacher λ={w}": PAPER + ["--alignment_mode", "teacher", "--alignment_weight", w]
+       for w in ("0.1", "0.3", "0.6", "1")},
+    "PALP normalised D λ=0.5": PAPER + ["--alignment_normalization", "personalization", "--alignment_weight", "0.5"],
 }
 
 

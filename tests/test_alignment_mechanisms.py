@@ -1,0 +1,183 @@
+"""The alignment mechanisms aimed at the part of D that erodes the subject's identity: the class-cancelling D, the
+identity-bearing teacher, the projection off the identity direction, and where the alignment gradient lands."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_palp as tp
+import train_palp_multi_subject as tpm
+from conftest import reset_accelerate_state
+from test_palp_math import _alphas, _inputs, lora_unet  # noqa: F401  (lora_unet is a fixture)
+from test_train_palp import TOKEN, train
+
+
+def test_class_phrase_prompt_replaces_each_token_by_its_class():
+    assert tp.class_phrase_prompt("a photo of <t>", ["<t>"], ["cat"]) == "a photo of a cat"
+    assert tp.class_phrase_prompt("a photo of the <t>", ["<t>"], ["owl"]) == "a photo of the owl"
+    assert tp.class_phrase_prompt("<a> beside <b>", ["<a>", "<b>"], ["cat", "apple"]) == "a cat beside an apple"
+    assert tp.class_phrase_prompt("no token here", ["<t>"], ["cat"]) == "no token here"
+
+
+def test_class_delta_is_the_difference_of_two_guided_predictions_and_does_not_see_the_unconditional():
+    g = torch.Generator().manual_seed(0)
+    eps_clean, eps_class, eps_u1, eps_u2 = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(4))
+    d = tp.class_delta_direction(eps_clean, eps_class, 15.0)
+    for eps_uncond in (eps_u1, eps_u2):
+        guided = lambda cond: tp.classifier_free_guidance(eps_uncond, cond, 15.0)  # noqa: E731
+        torch.testing.assert_close(d, guided(eps_clean) - guided(eps_class), atol=1e-4, rtol=1e-5)
+    assert torch.equal(tp.class_delta_direction(eps_clean, eps_clean, 15.0), torch.zeros_like(eps_clean))
+
+
+def _step(unet, latents, noise, cond, t1, t2):
+    """x_t1, ε̂ (with gradient) and the re-noised x̂_t2 of PALP's step, computed here step by step."""
+    alphas = _alphas()
+    x_t1 = tp.add_noise(latents, noise, alphas[t1])
+    eps_hat = unet(x_t1, t1, encoder_hidden_states=cond).sample
+    with torch.no_grad():
+        x_t2 = tp.add_noise(tp.predicted_original_sample(x_t1, eps_hat, alphas[t1]), noise, alphas[t2])
+    return eps_hat, x_t2
+
+
+def _losses(unet, config, latents, noise, cond, cond_clean, uncond, t1, t2, **extra):
+    return tp.palp_losses(unet, unet, latents, noise, t1, t2, noise, cond, cond_clean, uncond, _alphas(), "epsilon",
+                          config, **extra)
+
+
+def test_class_delta_loss_matches_a_direct_computation_and_reaches_the_token(lora_unet):  # noqa: F811
+    latents, noise, cond, cond_clean, uncond = _inputs(seed=2)
+    cond_class = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(9))
+    cond = cond.requires_grad_(True)
+    t1, t2 = torch.tensor([100, 900]), torch.tensor([600, 300])
+    config = tp.AlignmentConfig(mode="class_delta")
+    _, loss_align = _losses(lora_unet, config, latents, noise, cond, cond_clean, uncond, t1, t2, cond_class=cond_class)
+
+    alphas = _alphas()
+    eps_hat, x_t2 = _step(lora_unet, latents, noise, cond.detach(), t1, t2)
+    with torch.no_grad(), tp.lora_disabled(lora_unet):
+        eps_clean = lora_unet(x_t2, t2, encoder_hidden_states=cond_clean.expand(2, -1, -1)).sample
+        eps_class = lora_unet(x_t2, t2, encoder_hidden_states=cond_class).sample
+    d = 15.0 * (eps_clean - eps_class)
+    expected = -(d * eps_hat.detach()).flatten(1).mean(1).mean()
+    torch.testing.assert_close(loss_align.detach(), expected, atol=1e-5, rtol=1e-4)
+    # Not the DDS loss of the same inputs, and its gradient reaches the token's conditioning.
+    _, dds = _losses(lora_unet, tp.AlignmentConfig(), latents, noise, cond, cond_clean, uncond, t1, t2)
+    assert not torch.allclose(loss_align.detach(), dds.detach())
+    (grad,) = torch.autograd.grad(loss_align, cond)
+    assert grad.abs().sum() > 0
+    del alphas
+
+
+def test_teacher_given_the_clean_prompt_is_dds_and_otherwise_differs(lora_unet):  # noqa: F811
+    latents, noise, cond, cond_clean, uncond = _inputs(seed=3)
+    t1, t2 = torch.tensor([200, 700]), torch.tensor([500, 400])
+    _, dds = _losses(lora_unet, tp.AlignmentConfig(), latents, noise, cond, cond_clean, uncond, t1, t2)
+    teacher = tp.AlignmentConfig(mode="teacher")
+    _, same = _losses(lora_unet, teacher, latents, noise, cond, cond_clean, uncond, t1, t2, cond_teacher=cond_clean)
+    assert torch.equal(same, dds)
+    _, other = _losses(lora_unet, teacher, latents, noise, cond, cond_clean, uncond, t1, t2, cond_teacher=cond[:1])
+    assert not torch.allclose(other, dds)
+
+
+def test_projection_off_an_axis():
+    g = torch.Generator().manual_seed(0)
+    axis = torch.randn(3, 4, 2, 2, generator=g)
+    direction = torch.randn(3, 4, 2, 2, generator=g)
+    out = tp.project_off_direction(direction, axis)
+    overlap = (out * axis).flatten(1).sum(1)
+    torch.testing.assert_close(overlap, torch.zeros(3), atol=1e-5, rtol=0)
+    # Only the axis component went: direction - out is parallel to the axis.
+    removed = (direction - out).flatten(1)
+    torch.testing.assert_close(torch.nn.functional.cosine_similarity(removed, axis.flatten(1)).abs(), torch.ones(3))
+    axis[1] = 0  # a zero axis (the token changes nothing yet) keeps D, finite
+    out = tp.project_off_direction(direction, axis)
+    assert torch.equal(out[1], direction[1]) and torch.isfinite(out).all()
+
+
+def test_identity_projected_loss_matches_a_direct_computation(lora_unet):  # noqa: F811
+    latents, noise, cond, cond_clean, uncond = _inputs(seed=4)
+    cond_class = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(11))
+    t1, t2 = torch.tensor([300, 800]), torch.tensor([250, 650])
+    config = tp.AlignmentConfig(projection="identity")
+    _, loss_align = _losses(lora_unet, config, latents, noise, cond, cond_clean, uncond, t1, t2, cond_class=cond_class)
+
+    alphas = _alphas()
+    eps_hat, x_t2 = _step(lora_unet, latents, noise, cond, t1, t2)
+    with torch.no_grad():
+        with tp.lora_disabled(lora_unet):
+            g_pre = tp.guided_epsilon(lora_unet, x_t2, t2, cond_clean.expand(2, -1, -1), uncond, 15.0, alphas[t2],
+                                      "epsilon")
+        g_per = tp.guided_epsilon(lora_unet, x_t2, t2, cond, uncond, 7.5, alphas[t2], "epsilon")
+        u = (lora_unet(x_t2, t2, encoder_hidden_states=cond).sample
+             - lora_unet(x_t2, t2, encoder_hidden_states=cond_class).sample)
+        d = g_pre - g_per
+        coefficient = (d * u).flatten(1).sum(1) / u.pow(2).flatten(1).sum(1)
+        assert (coefficient.abs() > 1e-3).all()  # the projection has something to remove here
+        d = d - coefficient.view(-1, 1, 1, 1) * u
+        expected = -(d * eps_hat).flatten(1).mean(1).mean()
+    torch.testing.assert_close(loss_align.detach(), expected, atol=1e-5, rtol=1e-4)
+
+
+def _trained(tiny_sd_path, instance_dir, out, *extra):
+    reset_accelerate_state()
+    # No clipping: a clipped step would couple the token's update to the LoRA's gradient norm.
+    train(tiny_sd_path, instance_dir, out, "--max_train_steps", "1", "--num_validation_images", "0",
+          "--max_grad_norm", "1e9", *extra)
+    return load_file(str(out / "pytorch_lora_weights.safetensors")), load_file(str(out / "learned_embeds.safetensors"))
+
+
+def test_alignment_gradient_lands_where_asked(tiny_sd_path, instance_dir, tmp_path):
+    """One step: with the alignment gradient on the LoRA only, the token moves exactly as TI+DB's does and the LoRA
+    does not; on the token only, the converse; by default both differ from TI+DB."""
+    lora_ti, token_ti = _trained(tiny_sd_path, instance_dir, tmp_path / "ti", "--alignment_mode", "none")
+    lora_l, token_l = _trained(tiny_sd_path, instance_dir, tmp_path / "l", "--alignment_gradient", "lora")
+    lora_t, token_t = _trained(tiny_sd_path, instance_dir, tmp_path / "t", "--alignment_gradient", "token")
+    lora_a, token_a = _trained(tiny_sd_path, instance_dir, tmp_path / "a")
+    same = lambda x, y: all(torch.equal(x[k], y[k]) for k in x)  # noqa: E731
+    assert same(token_l, token_ti) and not same(lora_l, lora_ti)
+    assert same(lora_t, lora_ti) and not same(token_t, token_ti)
+    assert not same(lora_a, lora_ti) and not same(token_a, token_ti)
+    # Each half of the full step (up to the order of floating-point sums in the two backward passes).
+    for full, half in ((lora_a, lora_l), (token_a, token_t)):
+        for key in full:
+            torch.testing.assert_close(full[key], half[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--alignment_mode", "class_delta"],
+        ["--alignment_mode", "teacher"],
+        ["--alignment_projection", "identity", "--alignment_normalization", "none"],
+    ],
+)
+def test_mechanisms_train_and_save(tiny_sd_path, instance_dir, tmp_path, extra):
+    import json
+
+    reset_accelerate_state()
+    out = tmp_path / "out"
+    run = train(tiny_sd_path, instance_dir, out, "--max_train_steps", "2", "--num_validation_images", "0", *extra)
+    assert run.global_step == 2
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["alignment_mode"] == (extra[1] if extra[0] == "--alignment_mode" else "dds")
+    assert load_file(str(out / "learned_embeds.safetensors"))[TOKEN].isfinite().all()
+
+
+def test_class_phrase_table_gives_each_image_its_own_subjects_class_prompt(tiny_sd_path, tmp_path):
+    """Multi-subject: ỹ_P of each image of a batch is its own subject's personalization prompt with the class."""
+    from test_multi_subject import ART, CAT, common_flags, subject_flags
+
+    from conftest import write_instance_images
+
+    cat = write_instance_images(tmp_path / "cat", n=2, seed=0)
+    art = write_instance_images(tmp_path / "art", n=1, seed=7)
+    reset_accelerate_state()
+    argv = subject_flags(str(cat), str(art)) + common_flags(tiny_sd_path, tmp_path / "out")
+    run = tpm.main(tpm.parse_args([*argv, "--alignment_mode", "class_delta", "--max_train_steps", "1",
+                                   "--num_validation_images", "0"]))
+    conditioner = run.conditioner
+    prompts = [f"A photo of {CAT}", f"An oil painting of {ART}", f"A photo of {CAT}"]
+    cond = run.class_conditioning(conditioner.tokenize(prompts))
+    expected = [conditioner.encode_fixed(p, run.accelerator.device, run.weight_dtype)[0].hidden
+                for p in ("A photo of a cat", "An oil painting of a painting", "A photo of a cat")]
+    torch.testing.assert_close(cond.hidden, torch.cat(expected))
