@@ -17,7 +17,8 @@ import numpy as np
 ALIGNMENT_GAIN_GOAL = 0.10
 FIDELITY_RATIO_GOAL = 0.9
 SUBJECT_NAMES = ("checkered_star", "ringed_circle", "orange_square", "checkered_triangle", "dotted_star",
-                 "striped_triangle", "ringed_square", "orange_circle")
+                 "striped_triangle", "ringed_square", "orange_circle", "green_circle", "blue_triangle", "purple_star",
+                 "red_square", "orange_triangle", "yellow_circle")
 FIDELITY_COLUMNS = ("subject_fidelity", "appearance_fidelity", "identity_exact", "colour_hit", "pattern_hit",
                     "b_subject_fidelity", "b_appearance_fidelity")
 

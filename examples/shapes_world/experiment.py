@@ -35,6 +35,7 @@ WORLD_ARGS = ["--train_batch_size", "4", "--learning_rate", "3e-3", "--rank", "8
 PAPER = ["--alignment_mode", "dds", "--guidance_scale_pretrained", "15", "--guidance_scale_personalized", "7.5",
          "--alignment_weight", "1", "--alignment_normalization", "none"]
 
+SUBJECT_FOLDERS = {"dev": "subjects", "heldout": "subjects_heldout", "heldout_v2": "subjects_heldout_v2"}
 DESCRIBED = "{described clean prompt}"  # replaced per run by described_clean_prompt()
 
 # Every configuration tried goes here and into the results table; labels are stable (they key runs.csv).
@@ -89,7 +90,8 @@ def parse_args(input_args=None):
     parser.add_argument("--steps", type=int, nargs="+", default=[300], help="Step counts to score (one run each).")
     parser.add_argument("--model", type=str, default=str(HERE / "model"), help="The shapes-world base model.")
     parser.add_argument("--subjects_dir", type=str, default=None,
-                        help="Default: subjects/ (dev) or subjects_heldout/ (heldout) next to this file.")
+                        help="Default: subjects/ (dev), subjects_heldout/ (heldout) or subjects_heldout_v2/ "
+                        "(heldout_v2) next to this file.")
     parser.add_argument("--num_samples", type=int, default=8, help="Samples per (run, prompt).")
     parser.add_argument("--sample_seed", type=int, default=100, help="Seed of the first sample.")
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="CFG of sampling.")
@@ -159,7 +161,7 @@ def main(args):
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    subjects_dir = Path(args.subjects_dir or HERE / {"dev": "subjects", "heldout": "subjects_heldout"}[args.split])
+    subjects_dir = Path(args.subjects_dir or HERE / SUBJECT_FOLDERS[args.split])
     if args.pairs:
         chosen = {}
         for pair in args.pairs:

@@ -7,10 +7,12 @@ object, night) while asking for the subject.
 
     python examples/shapes_world/subjects.py --output_dir examples/shapes_world/subjects
     python examples/shapes_world/subjects.py --split heldout --output_dir examples/shapes_world/subjects_heldout
+    python examples/shapes_world/subjects.py --split heldout_v2 --output_dir examples/shapes_world/subjects_heldout_v2
 
 writes ``<output_dir>/<subject>/<subject>_<i>.png`` and ``<output_dir>/subjects.json`` (token, class, identity and
 the (target, clean) prompt pairs of every subject). ``--split dev`` (the default) is the development split every
-default was tuned on; ``--split heldout`` the subjects and prompts kept for the final check (PROTOCOL.md).
+default was tuned on; ``--split heldout`` and ``--split heldout_v2`` the subjects and prompts kept for the final
+checks (PROTOCOL.md).
 """
 
 import argparse
@@ -27,7 +29,7 @@ def parse_args(input_args=None):
     parser.add_argument("--output_dir", type=str, default=str(HERE / "subjects"), help="Where the subjects go.")
     parser.add_argument("--num_images", type=int, default=5, help="Training photos per subject (3–6 is typical).")
     parser.add_argument("--seed", type=int, default=None,
-                        help="Seed of the photos' poses (default: 0 for dev, 100 for heldout).")
+                        help="Seed of the photos' poses (default: 0 for dev, 100 for heldout, 200 for heldout_v2).")
     parser.add_argument("--split", type=str, default="dev", choices=list(world.SPLITS), help="Which subjects.")
     return parser.parse_args(input_args)
 
@@ -50,7 +52,7 @@ def subject_table(split="dev"):
 def main(args):
     out = Path(args.output_dir)
     subjects = world.SPLITS[args.split][0]
-    seed = args.seed if args.seed is not None else {"dev": 0, "heldout": 100}[args.split]
+    seed = args.seed if args.seed is not None else {"dev": 0, "heldout": 100, "heldout_v2": 200}[args.split]
     for i, name in enumerate(subjects):
         world.write_subject_images(name, out / name, n=args.num_images, seed=seed + i)
     (out / "subjects.json").write_text(json.dumps(subject_table(args.split), indent=1))

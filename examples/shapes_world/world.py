@@ -343,7 +343,31 @@ HELDOUT_TEMPLATES = (
     "a sketch of {} on a {blue} background with a small {companion} at night",
     "a photo of {} on a {yellow} background with a small {companion}",
 )
-SPLITS = {"dev": (SUBJECTS, TARGET_TEMPLATES), "heldout": (HELDOUT_SUBJECTS, HELDOUT_TEMPLATES)}
+# The second held-out split, v2 (PROTOCOL.md, "Held-out split v2"), frozen in the commit that added it, before any
+# run on it: v1 has been looked at twice. Six subjects, four of them outside the base model's support (a pattern or a
+# colour it never saw), two inside it (a combination `is_held_out` keeps out of pre-training in the training
+# context), none of them a subject of dev or v1; six templates found in neither dev nor v1.
+HELDOUT_V2_SUBJECTS = {
+    "green_circle": {"token": "<green-circle>", "shape": "circle", "colour": "green", "pattern": "dotted"},
+    "blue_triangle": {"token": "<blue-triangle>", "shape": "triangle", "colour": "blue", "pattern": "striped"},
+    "purple_star": {"token": "<purple-star>", "shape": "star", "colour": "purple", "pattern": "ringed"},
+    "red_square": {"token": "<red-square>", "shape": "square", "colour": "red", "pattern": "checkered"},
+    "orange_triangle": {"token": "<orange-triangle>", "shape": "triangle", "colour": "orange", "pattern": "plain"},
+    "yellow_circle": {"token": "<yellow-circle>", "shape": "circle", "colour": "yellow", "pattern": "ringed"},
+}
+HELDOUT_V2_TEMPLATES = (
+    "a sketch of {} on a {white} background",
+    "a photo of {} on a {white} background at night",
+    "a sketch of {} on a {green} background with a small {companion}",
+    "a photo of {} on a {blue} background with a small {companion}",
+    "a sketch of {} on a {yellow} background at night",
+    "a photo of {} with a small {companion} at night",
+)
+SPLITS = {
+    "dev": (SUBJECTS, TARGET_TEMPLATES),
+    "heldout": (HELDOUT_SUBJECTS, HELDOUT_TEMPLATES),
+    "heldout_v2": (HELDOUT_V2_SUBJECTS, HELDOUT_V2_TEMPLATES),
+}
 
 
 def find_subject(name):
