@@ -1,5 +1,6 @@
 """The held-out decision rule (examples/shapes_world/analysis.py) on synthetic runs with known answers."""
 
+import os
 import sys
 
 import numpy as np
@@ -98,3 +99,40 @@ def test_experiment_configurations_reach_train_palp_as_labelled():
                 assert asked["shape"] == subject["shape"] and asked["colour"] == subject["colour"]
                 assert asked.get("pattern", "plain") == subject["pattern"]
                 assert {k: v for k, v in asked.items() if k not in ("colour", "pattern")} == world.parse_caption(clean)
+
+
+def test_heldout_script_regenerates_the_committed_verdicts(tmp_path):
+    """heldout.sh as committed writes, from the committed runs, exactly the committed verdict.md of both v1 looks."""
+    import shutil
+    import subprocess
+
+    results = REPO_ROOT / "examples" / "shapes_world" / "results"
+    for name, env in (("heldout", {}), ("heldout_described", {"CONFIG": "PALP (defaults) described y_c",
+                                                              "EXTRA_BASELINES": "PALP (defaults)@200"})):
+        copy = tmp_path / name
+        shutil.copytree(results / name, copy)
+        (copy / "verdict.md").unlink()
+        subprocess.run(["bash", str(REPO_ROOT / "examples" / "shapes_world" / "heldout.sh")], check=True,
+                       capture_output=True, env={**os.environ, **env, "ANALYSIS_ONLY": "1", "RESULTS": str(copy),
+                                                 "PYTHON": sys.executable})
+        assert (copy / "verdict.md").read_bytes() == (results / name / "verdict.md").read_bytes(), name
+
+
+def test_heldout_script_on_a_small_slice_of_v2(tmp_path):
+    """The whole script on one v2 subject, one prompt, one seed and two training steps: it trains, scores, writes
+    the v2 verdict, and that verdict is what the analysis gives again from the runs it copied."""
+    import subprocess
+
+    results = tmp_path / "results"
+    env = {**os.environ, "SPLIT": "heldout_v2", "OUT": str(tmp_path / "runs"), "RESULTS": str(results),
+           "PYTHON": sys.executable, "SUBJECTS_A": "green_circle", "SUBJECTS_B": "", "SEEDS": "0", "STEPS": "2",
+           "TI_STEPS": "1 2", "PALP_STEPS": "1 2", "NUM_SAMPLES": "2", "PROMPT_INDICES": "0", "CONFIG": "PALP (paper)"}
+    script = str(REPO_ROOT / "examples" / "shapes_world" / "heldout.sh")
+    subprocess.run(["bash", script], check=True, capture_output=True, env=env, timeout=900)
+    verdict = (results / "verdict.md").read_text()
+    assert verdict.startswith("## PALP (paper)@2 against TI+DB at its own best step count")
+    assert "| prompt-alignment gain | TI+DB@" in verdict and "appearance ratio, probe B" in verdict
+    assert (results / "table.md").is_file() and (results / "plot.png").is_file()
+    (results / "verdict.md").unlink()
+    subprocess.run(["bash", script], check=True, capture_output=True, env={**env, "ANALYSIS_ONLY": "1"})
+    assert (results / "verdict.md").read_text() == verdict

@@ -237,6 +237,218 @@ def seed_diversity(folders, steps):
     return {name: float(np.mean(v)) for name, v in result.items()}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Frontiers (PROTOCOL.md, "Which configuration goes to v2") and the v2 rule
+
+APPEARANCE_PROBES = {"A": "appearance_fidelity", "B": "b_appearance_fidelity"}
+V2_GAIN_GOAL, V2_APPEARANCE_GOAL, V2_APPEARANCE_FLOOR = 0.10, 0.95, 0.85
+# Configuration labels of experiment.py that are one point of a mechanism's λ sweep, and their mechanism.
+MECHANISM_PREFIXES = (("PALP (paper)", "paper's D"), ("PALP λ=", "paper's D"), ("PALP normalised D", "normalised D"),
+                      ("class-cancelling D", "class-cancelling D"), ("identity-projected D", "identity-projected D"),
+                      ("D on the LoRA only", "D on the LoRA only"), ("identity-bearing teacher",
+                                                                    "identity-bearing teacher"))
+
+
+def mechanism_of(label):
+    """(mechanism, λ) of a configuration label of a λ sweep ('PALP λ=0.3' → ("paper's D", 0.3)), or None."""
+    import re
+
+    for prefix, mechanism in MECHANISM_PREFIXES:
+        if label.startswith(prefix):
+            rest = label[len(prefix):]
+            if rest and not re.fullmatch(r"\s*λ=[0-9.]+|[0-9.]+", rest):
+                return None  # a variant of the mechanism with other settings changed too
+            weight = re.search(r"([0-9.]+)$", label) if rest else None
+            return mechanism, float(weight.group(1)) if weight else 1.0
+    return None
+
+
+def best_steps(rows, config, column, candidates):
+    """The step count among ``candidates`` where ``config``'s mean ``column`` is highest (ties: fewest steps)."""
+    means = {}
+    for steps in candidates:
+        values = [r[column] for r in select(rows, f"{config}@{steps}") if isinstance(r.get(column), float)]
+        if values:
+            means[steps] = float(np.mean(values))
+    if not means:
+        raise SystemExit(f"error: no {config!r} runs with {column} at steps {candidates}")
+    return max(sorted(means), key=lambda s: means[s])
+
+
+def against_best_baseline(rows, method, baseline, candidates, num_resamples=10_000):
+    """The protocol's comparison of ``method`` (label@steps) with ``baseline`` at its own best step count per
+    quantity: the gain against its best-aligned step count, each probe's appearance ratio against its step count of
+    highest appearance on that probe, the class-including fidelity ratio against its step count of highest fidelity.
+    """
+    align_steps = best_steps(rows, baseline, "prompt_alignment", candidates)
+    result = {"gain": cluster_bootstrap(paired(rows, method, f"{baseline}@{align_steps}"), gain("prompt_alignment"),
+                                        num_resamples),
+              "gain_baseline_steps": align_steps}
+    for probe, column in APPEARANCE_PROBES.items():
+        steps = best_steps(rows, baseline, column, candidates)
+        result[f"appearance_{probe}"] = cluster_bootstrap(paired(rows, method, f"{baseline}@{steps}"), ratio(column),
+                                                          num_resamples)
+        result[f"appearance_{probe}_baseline_steps"] = steps
+    steps = best_steps(rows, baseline, "subject_fidelity", candidates)
+    result["fidelity"] = cluster_bootstrap(paired(rows, method, f"{baseline}@{steps}"), ratio("subject_fidelity"),
+                                           num_resamples)
+    result["fidelity_baseline_steps"] = steps
+    result["appearance"] = min(result["appearance_A"][0], result["appearance_B"][0])
+    result["pairs"] = len(paired(rows, method, f"{baseline}@{align_steps}"))
+    return result
+
+
+def interpolate_at(points, x_key, y_key, level):
+    """y where the curve through ``points`` (in λ order) first crosses x = level, linearly between the two points
+    around the crossing; None when it never crosses."""
+    for a, b in zip(points, points[1:]):
+        xa, xb = a[x_key], b[x_key]
+        if (xa - level) * (xb - level) <= 0 and xa != xb:
+            return a[y_key] + (level - xa) / (xb - xa) * (b[y_key] - a[y_key])
+    return None
+
+
+def frontier(rows, baseline="TI+DB", candidates=(100, 200, 300), num_resamples=2000):
+    """Every λ-sweep point against ``baseline`` at its best step counts, grouped by (mechanism, steps), with each
+    curve's gain at appearance ratio 0.95 and appearance ratio at gain +0.10."""
+    available = [s for s in candidates if select(rows, f"{baseline}@{s}")]
+    points = []
+    for config, steps in dict.fromkeys((r["config"], int(r["steps"])) for r in rows):
+        found = mechanism_of(config)
+        if found is None:
+            continue
+        result = against_best_baseline(rows, f"{config}@{steps}", baseline, available, num_resamples)
+        points.append({"config": config, "mechanism": found[0], "weight": found[1], "steps": steps, **result,
+                       "gain_estimate": result["gain"][0],
+                       "alignment": float(np.mean([r["prompt_alignment"] for r in select(rows, f"{config}@{steps}")])),
+                       "runs": len(select(rows, f"{config}@{steps}"))})
+    baselines = []
+    for steps in available:
+        sel = select(rows, f"{baseline}@{steps}")
+        baselines.append({"steps": steps, **against_best_baseline(rows, f"{baseline}@{steps}", baseline, available,
+                                                                   num_resamples)} if len(available) > 1 else
+                         {"steps": steps})
+        baselines[-1]["alignment"] = float(np.mean([r["prompt_alignment"] for r in sel]))
+    curves = {}
+    for p in points:
+        curves.setdefault((p["mechanism"], p["steps"]), []).append(p)
+    summaries = []
+    for (mechanism, steps), curve in sorted(curves.items()):
+        curve.sort(key=lambda p: p["weight"])
+        eligible = [p for p in curve if p["appearance"] >= V2_APPEARANCE_GOAL]
+        summaries.append({"mechanism": mechanism, "steps": steps, "weights": [p["weight"] for p in curve],
+                          "gain_at_095": interpolate_at(curve, "appearance", "gain_estimate", V2_APPEARANCE_GOAL),
+                          "appearance_at_010": interpolate_at(curve, "gain_estimate", "appearance", V2_GAIN_GOAL),
+                          "best_eligible": max(eligible, key=lambda p: p["gain"][0]) if eligible else None})
+    return points, baselines, summaries
+
+
+def format_frontier(points, baselines, summaries):
+    fmt = lambda v: f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"  # noqa: E731
+    lines = ["| mechanism | λ | steps | runs | alignment | gain vs TI+DB (best-aligned steps) | appearance ratio A | "
+             "appearance ratio B | fidelity ratio (with class) |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (p["mechanism"], p["steps"], p["weight"])):
+        g = p["gain"]
+        lines.append(f"| {p['mechanism']} | {p['weight']:g} | {p['steps']} | {p['runs']} | {p['alignment']:.3f} | "
+                     f"{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}] | {fmt(p['appearance_A'])} | {fmt(p['appearance_B'])} | "
+                     f"{fmt(p['fidelity'])} |")
+    lines += ["", "TI+DB itself, against the same references:", "",
+              "| TI+DB steps | alignment | gain | appearance ratio A | appearance ratio B |", "|---|---|---|---|---|"]
+    for b in baselines:
+        if "gain" in b:
+            lines.append(f"| {b['steps']} | {b['alignment']:.3f} | {b['gain'][0]:+.3f} | {b['appearance_A'][0]:.2f} | "
+                         f"{b['appearance_B'][0]:.2f} |")
+    if points:
+        p = points[0]
+        lines += ["", f"References: gain against TI+DB@{p['gain_baseline_steps']}; appearance ratio A against "
+                  f"TI+DB@{p['appearance_A_baseline_steps']}, B against TI+DB@{p['appearance_B_baseline_steps']}. "
+                  "The appearance ratio of a point is the lower of A and B."]
+    lines += ["", "| mechanism | steps | λ swept | gain at appearance ratio 0.95 | appearance ratio at gain +0.10 | "
+              "best point with appearance ≥ 0.95 |", "|---|---|---|---|---|---|"]
+    for s in summaries:
+        best = s["best_eligible"]
+        lines.append(f"| {s['mechanism']} | {s['steps']} | {', '.join(f'{w:g}' for w in s['weights'])} | "
+                     + (f"{s['gain_at_095']:+.3f}" if s["gain_at_095"] is not None else "not crossed") + " | "
+                     + (f"{s['appearance_at_010']:.2f}" if s["appearance_at_010"] is not None else "not crossed")
+                     + " | " + (f"λ={best['weight']:g}: {best['gain'][0]:+.3f} at {best['appearance']:.2f}"
+                                if best else "none") + " |")
+    eligible = [p for p in points if p["appearance"] >= V2_APPEARANCE_GOAL]
+    if eligible:
+        best = max(eligible, key=lambda p: p["gain"][0])
+        lines += ["", f"**Most alignment at appearance ≥ 0.95: {best['config']} at {best['steps']} steps, gain "
+                  f"{best['gain'][0]:+.3f}, appearance ratio {best['appearance']:.2f}.**"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(points, baselines, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    mechanisms = sorted({p["mechanism"] for p in points})
+    for ax, probe in zip(axes, "AB"):
+        for i, mechanism in enumerate(mechanisms):
+            colour = plt.get_cmap("tab10")(i % 10)
+            for steps, style in ((100, ":"), (200, "-"), (300, "--")):
+                curve = sorted((p for p in points if p["mechanism"] == mechanism and p["steps"] == steps),
+                               key=lambda p: p["weight"])
+                if not curve:
+                    continue
+                x = [p[f"appearance_{probe}"][0] for p in curve]
+                y = [p["gain"][0] for p in curve]
+                ax.plot(x, y, style, color=colour, marker="o", label=f"{mechanism}, {steps} steps")
+                for p in curve:
+                    ax.annotate(f"{p['weight']:g}", (p[f"appearance_{probe}"][0], p["gain"][0]), fontsize=6,
+                                textcoords="offset points", xytext=(3, 3))
+        for b in baselines:
+            if "gain" in b:
+                ax.plot(b[f"appearance_{probe}"][0], b["gain"][0], "ks")
+                ax.annotate(f"TI+DB {b['steps']}", (b[f"appearance_{probe}"][0], b["gain"][0]), fontsize=7,
+                            textcoords="offset points", xytext=(3, -9))
+        ax.axvline(V2_APPEARANCE_GOAL, color="grey", lw=0.8)
+        ax.axhline(V2_GAIN_GOAL, color="grey", lw=0.8)
+        ax.set_xlabel(f"appearance-fidelity ratio, probe {probe} (colour + pattern) vs TI+DB at its best")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("prompt-alignment gain vs TI+DB at its best-aligned step count")
+    axes[1].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def v2_verdict(rows, method, baseline="TI+DB", candidates=(100, 200, 300)):
+    """PROTOCOL.md's v2 rule, with leave-one-subject-out, as markdown."""
+    result = against_best_baseline(rows, method, baseline, candidates)
+    g, a, b, f = result["gain"], result["appearance_A"], result["appearance_B"], result["fidelity"]
+    gain_holds = g[1] > 0 and g[0] >= V2_GAIN_GOAL
+    appearance_holds = {p: v[0] >= V2_APPEARANCE_GOAL and v[1] >= V2_APPEARANCE_FLOOR for p, v in (("A", a), ("B", b))}
+    clusters = len({(r["subject"], int(r["prompt_index"])) for r in select(rows, method)})
+    lines = [f"## {method} against {baseline} at its own best step count", "",
+             f"{result['pairs']} paired (subject, prompt, seed) runs in {clusters} (subject, prompt) clusters; 95% "
+             "percentile bootstrap intervals over clusters (10,000 resamples).", "",
+             "| quantity | baseline | estimate | 95% interval | rule | holds |", "|---|---|---|---|---|---|",
+             f"| prompt-alignment gain | {baseline}@{result['gain_baseline_steps']} | {g[0]:+.3f} | "
+             f"[{g[1]:+.3f}, {g[2]:+.3f}] | lower end > 0 and ≥ +{V2_GAIN_GOAL:.2f} | {'yes' if gain_holds else 'no'} |"]
+    for probe, v in (("A", a), ("B", b)):
+        lines.append(f"| appearance ratio, probe {probe} | {baseline}@{result[f'appearance_{probe}_baseline_steps']} | "
+                     f"{v[0]:.3f} | [{v[1]:.3f}, {v[2]:.3f}] | ≥ {V2_APPEARANCE_GOAL} and lower end ≥ "
+                     f"{V2_APPEARANCE_FLOOR} | {'yes' if appearance_holds[probe] else 'no'} |")
+    lines.append(f"| subject-fidelity ratio (reported) | {baseline}@{result['fidelity_baseline_steps']} | {f[0]:.3f} | "
+                 f"[{f[1]:.3f}, {f[2]:.3f}] | – | – |")
+    met = gain_holds and all(appearance_holds.values())
+    lines += ["", f"**Goal met: {'yes' if met else 'no'}.**", "", "Leave one subject out:", "",
+              "| without | gain | appearance ratio A | appearance ratio B |", "|---|---|---|---|"]
+    subjects = sorted({r["subject"] for r in select(rows, method)})
+    for subject in subjects if len(subjects) > 1 else []:
+        kept = [r for r in rows if r["subject"] != subject]
+        loo = against_best_baseline(kept, method, baseline, candidates, num_resamples=1000)
+        lines.append(f"| {subject} | {loo['gain'][0]:+.3f} | {loo['appearance_A'][0]:.3f} | "
+                     f"{loo['appearance_B'][0]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="PROTOCOL.md's decision rule on experiment.py's runs.csv.")
     parser.add_argument("--runs", type=str, nargs="+", required=True, help="runs.csv file(s) of experiment.py.")
@@ -250,6 +462,14 @@ def parse_args(input_args=None):
     parser.add_argument("--complete_clusters", action="store_true",
                         help="Only (subject, prompt, seed) triples whose seed is finished for every cluster of the "
                         "method, so an unfinished run does not weigh some clusters more than others.")
+    parser.add_argument("--frontier", type=str, default=None,
+                        help="Write every λ sweep's points and summaries to this folder (frontier.md, frontier.png), "
+                        "against the first --baseline at its best of 100/200/300 steps.")
+    parser.add_argument("--v2_rule", action="store_true",
+                        help="Apply PROTOCOL.md's v2 rule to --method against the first --baseline at its own best "
+                        "of 100/200/300 steps, with leave-one-subject-out.")
+    parser.add_argument("--baseline_steps", type=int, nargs="+", default=[100, 200, 300],
+                        help="With --v2_rule or --frontier: the baseline's step counts to pick its best from.")
     parser.add_argument("--table", type=str, default=None,
                         help="Instead of one verdict: write every configuration × step count to this folder "
                         "(table.md, plot.png), against the first --baseline.")
@@ -268,6 +488,21 @@ def main(args):
                     == len(clusters)}
         rows = [r for r in rows if int(r["train_seed"]) in finished]
         print(f"complete seeds: {sorted(finished)}")
+    if args.frontier:
+        out = Path(args.frontier)
+        out.mkdir(parents=True, exist_ok=True)
+        points, baselines, summaries = frontier(rows, args.baseline[0], tuple(args.baseline_steps))
+        (out / "frontier.md").write_text(format_frontier(points, baselines, summaries))
+        plot_frontier(points, baselines, out / "frontier.png")
+        print((out / "frontier.md").read_text())
+        return
+    if args.v2_rule:
+        text = v2_verdict(rows, args.method, args.baseline[0], tuple(args.baseline_steps))
+        print(text)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(text)
+        return
     if args.table:
         out = Path(args.table)
         out.mkdir(parents=True, exist_ok=True)

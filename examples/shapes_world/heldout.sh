@@ -1,38 +1,75 @@
 #!/usr/bin/env bash
-# The held-out check of PROTOCOL.md: TI+DB and PALP with train_palp.py's defaults, on the held-out subjects and prompts,
-# 3 training seeds, then the decision rule. Two processes side by side (one thread each); about an hour on 2 cores.
+# A held-out check of PROTOCOL.md: TI+DB and one configuration of experiment.py on a held-out split's subjects and
+# prompts, 3 training seeds, then the split's decision rule. Two processes side by side (one thread each).
 #
-#   bash examples/shapes_world/heldout.sh            # from the repository root (or anywhere: it cds there)
+#   bash examples/shapes_world/heldout.sh                      # v1 (about an hour on 2 cores)
+#   SPLIT=heldout_v2 CONFIG="<chosen on dev>" STEPS=200 bash examples/shapes_world/heldout.sh
+#   ANALYSIS_ONLY=1 bash examples/shapes_world/heldout.sh     # the verdict again, from $RESULTS/runs_{a,b}.csv
 #
-# Writes runs/heldout_{a,b}/runs.csv, and examples/shapes_world/results/heldout/{verdict.md,table.md,plot.png}.
-# CONFIG names another experiment.py configuration to check (runs already in the CSVs, such as TI+DB's, are not run
-# again), RESULTS another results folder.
+# Writes ${OUT}_{a,b}/runs.csv, and $RESULTS/{verdict.md,table.md,plot.png,runs_a.csv,runs_b.csv}. v1's verdict
+# compares CONFIG@STEPS with TI+DB at STEPS, then at every other TI+DB step count, then with EXTRA_BASELINES; v2's
+# applies the v2 rule (TI+DB at its own best of TI_STEPS, leave-one-subject-out). Runs already in the CSVs (TI+DB's,
+# when another configuration is checked) are not run again.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
-OUT=${OUT:-runs/heldout}
-STEPS=${STEPS:-200}            # the world's recommended budget (README)
-BASELINE_STEPS=${BASELINE_STEPS:-200}  # TI+DB's best step count on dev
-X=examples/shapes_world/experiment.py
-RESULTS=${RESULTS:-examples/shapes_world/results/heldout}
+SPLIT=${SPLIT:-heldout}
+OUT=${OUT:-runs/$SPLIT}
+STEPS=${STEPS:-200}                 # the configuration's step budget (README)
+TI_STEPS=${TI_STEPS:-$([ "$SPLIT" = heldout ] && echo "100 $STEPS" || echo "100 200 300")}
+PALP_STEPS=${PALP_STEPS:-"100 $STEPS"}
+SEEDS=${SEEDS:-"0 1 2"}
+NUM_SAMPLES=${NUM_SAMPLES:-$([ "$SPLIT" = heldout ] && echo 8 || echo 16)}
 CONFIG=${CONFIG:-"PALP (defaults)"}
+EXTRA_BASELINES=${EXTRA_BASELINES:-}
+X=examples/shapes_world/experiment.py
+RESULTS=${RESULTS:-examples/shapes_world/results/$SPLIT}
+PYTHON=${PYTHON:-python}
+# The split's subjects, in two halves (one per process) unless SUBJECTS_A / SUBJECTS_B name them.
+read -r -a ALL <<< "$($PYTHON -c "import sys; sys.path.insert(0, 'examples/shapes_world'); import world; \
+print(' '.join(world.SPLITS['$SPLIT'][0]))")"
+HALF=$(( (${#ALL[@]} + 1) / 2 ))
+SUBJECTS_A=${SUBJECTS_A:-${ALL[*]:0:$HALF}}
+SUBJECTS_B=${SUBJECTS_B-${ALL[*]:$HALF}}
+PROMPT_INDICES=${PROMPT_INDICES:-"0 1 2 3 4 5"}
+COMMON=(--split "$SPLIT" --num_samples "$NUM_SAMPLES" --prompt_indices $PROMPT_INDICES)
 
-# TI+DB does not depend on the prompt: one run per subject and seed, scored on all 6 prompts, beside half of PALP's
-# runs. Seed by seed, so that every finished seed covers all 24 (subject, prompt) clusters.
-TI_STEPS=$(printf '%s\n' 100 "$STEPS" "$BASELINE_STEPS" | sort -nu)
-(for SEED in 0 1 2; do
-   python $X --split heldout --configs "TI+DB" --seeds $SEED --steps $TI_STEPS --output_dir "${OUT}_a"
-   python $X --split heldout --configs "$CONFIG" --subjects dotted_star striped_triangle --seeds $SEED \
-     --steps 100 "$STEPS" --output_dir "${OUT}_a"
- done) > "${OUT}_a.log" 2>&1 &
-(for SEED in 0 1 2; do
-   python $X --split heldout --configs "$CONFIG" --subjects ringed_square orange_circle --seeds $SEED \
-     --steps 100 "$STEPS" --output_dir "${OUT}_b"
- done) > "${OUT}_b.log" 2>&1
-wait
+if [ -z "${ANALYSIS_ONLY:-}" ]; then
+  # TI+DB does not depend on the prompt: one run per subject and seed, scored on all 6 prompts, beside half of the
+  # configuration's runs. Seed by seed, so that every finished seed covers every (subject, prompt) cluster.
+  (for SEED in $SEEDS; do
+     $PYTHON $X "${COMMON[@]}" --configs "TI+DB" --seeds "$SEED" --steps $TI_STEPS --output_dir "${OUT}_a"
+     $PYTHON $X "${COMMON[@]}" --configs "$CONFIG" --subjects $SUBJECTS_A --seeds "$SEED" --steps $PALP_STEPS \
+       --output_dir "${OUT}_a"
+   done) > "${OUT}_a.log" 2>&1 &
+  (for SEED in $SEEDS; do
+     if [ -n "$SUBJECTS_B" ]; then
+       $PYTHON $X "${COMMON[@]}" --configs "$CONFIG" --subjects $SUBJECTS_B --seeds "$SEED" --steps $PALP_STEPS \
+         --output_dir "${OUT}_b"
+     fi
+   done) > "${OUT}_b.log" 2>&1
+  wait
+  mkdir -p "$RESULTS"
+  cp "${OUT}_a/runs.csv" "$RESULTS/runs_a.csv"
+  if [ -f "${OUT}_b/runs.csv" ]; then cp "${OUT}_b/runs.csv" "$RESULTS/runs_b.csv"; fi
+fi
 
-mkdir -p "$RESULTS"
-python examples/shapes_world/analysis.py --runs "${OUT}_a/runs.csv" "${OUT}_b/runs.csv" \
-  --method "${CONFIG}@${STEPS}" --baseline "TI+DB@${STEPS}" "TI+DB@${BASELINE_STEPS}" --output "$RESULTS/verdict.md"
-python examples/shapes_world/analysis.py --runs "${OUT}_a/runs.csv" "${OUT}_b/runs.csv" --table "$RESULTS"
-cp "${OUT}_a/runs.csv" "$RESULTS/runs_a.csv"; cp "${OUT}_b/runs.csv" "$RESULTS/runs_b.csv"
+RUNS=("$RESULTS/runs_a.csv")
+if [ -f "$RESULTS/runs_b.csv" ]; then RUNS+=("$RESULTS/runs_b.csv"); fi
+if [ "$SPLIT" = heldout ]; then
+  BASELINES=("TI+DB@${STEPS}")
+  for N in $(printf '%s\n' $TI_STEPS | sort -nu); do
+    if [ "$N" != "$STEPS" ]; then BASELINES+=("TI+DB@${N}"); fi
+  done
+  if [ -n "$EXTRA_BASELINES" ]; then BASELINES+=("$EXTRA_BASELINES"); fi
+  $PYTHON examples/shapes_world/analysis.py --runs "${RUNS[@]}" --method "${CONFIG}@${STEPS}" \
+    --baseline "${BASELINES[@]}" --output "$RESULTS/verdict.md"
+else
+  $PYTHON examples/shapes_world/analysis.py --runs "${RUNS[@]}" --v2_rule --method "${CONFIG}@${STEPS}" \
+    --baseline "TI+DB" --baseline_steps $TI_STEPS --output "$RESULTS/verdict.md"
+fi
+if [ -z "${ANALYSIS_ONLY:-}" ]; then  # the table's seed diversity reads the samples next to each runs.csv
+  TABLE_RUNS=("${OUT}_a/runs.csv")
+  if [ -f "${OUT}_b/runs.csv" ]; then TABLE_RUNS+=("${OUT}_b/runs.csv"); fi
+  $PYTHON examples/shapes_world/analysis.py --runs "${TABLE_RUNS[@]}" --table "$RESULTS"
+fi
