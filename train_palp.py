@@ -352,7 +352,12 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule.")
     parser.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
     parser.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    parser.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    parser.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="8-bit AdamW from bitsandbytes (`pip install bitsandbytes`; CUDA or CPU). As bitsandbytes does, tensors "
+        "under 4096 elements (the token rows, small LoRA matrices) keep 32-bit state.",
+    )
     parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1.")
     parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2.")
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
@@ -1505,14 +1510,26 @@ def load_embeddings(folder, tokens, conditioner):
 
 
 def save_optimizer(folder, optimizer):
-    """Optimizer state as safetensors (tensors) + JSON (everything else): no pickle in a checkpoint."""
+    """Optimizer state as safetensors (tensors) + JSON (everything else): no pickle in a checkpoint.
+
+    A parameter's state may nest dicts (bitsandbytes' 8-bit AdamW keeps its quantization maps and absmax blocks in
+    one): nested keys are joined with dots. Tensors are cloned because bitsandbytes shares one quantization map among
+    all parameters, and safetensors refuses tensors that share memory.
+    """
+
+    def flatten(prefix, values):
+        for key, value in values.items():
+            if isinstance(value, dict):
+                yield from flatten(f"{prefix}.{key}", value)
+            else:
+                yield f"{prefix}.{key}", value
+
     state_dict = optimizer.state_dict()
     tensors, scalars = {}, {}
     for param_id, param_state in state_dict["state"].items():
-        for key, value in param_state.items():
-            name = f"{param_id}.{key}"
+        for name, value in flatten(param_id, param_state):
             if torch.is_tensor(value):
-                tensors[name] = value.detach().cpu().contiguous()
+                tensors[name] = value.detach().cpu().clone().contiguous()
             else:
                 scalars[name] = value
     save_file(tensors, os.path.join(folder, OPTIMIZER_TENSORS_NAME))
@@ -1524,8 +1541,11 @@ def load_optimizer(folder, optimizer, saved):
     for name, value in list(load_file(os.path.join(folder, OPTIMIZER_TENSORS_NAME)).items()) + list(
         saved["scalars"].items()
     ):
-        param_id, key = name.split(".", 1)
-        state.setdefault(int(param_id), {})[key] = value
+        param_id, *keys = name.split(".")
+        node = state.setdefault(int(param_id), {})
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 

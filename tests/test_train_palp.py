@@ -464,6 +464,36 @@ def test_lora_dropout_run_resumes_bit_exact(tiny_sd_path, instance_dir, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_8bit_adam_checkpoints_its_quantized_state_and_resumes_bit_exact(tiny_sd_path, instance_dir, tmp_path):
+    """--use_8bit_adam runs bitsandbytes' AdamW8bit (its CPU backend here). At rank 128 the tiny UNet's 32-wide LoRA
+    matrices have 4096 elements, enough for 8-bit state; the 16-wide ones and the token row keep 32-bit state. A
+    checkpoint holds both kinds (uint8 moments with their quantization maps and absmax blocks), and a run resumed from
+    it ends with the weights and the optimizer state of the uninterrupted run, bit for bit."""
+    import bitsandbytes as bnb
+
+    common = ("--use_8bit_adam", "--rank", "128", "--checkpointing_steps", "2", "--num_validation_images", "0")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run = train(tiny_sd_path, instance_dir, full, *common)
+    assert isinstance(run.optimizer.optimizer, bnb.optim.AdamW8bit)
+    train(tiny_sd_path, instance_dir, resumed, *common, "--max_train_steps", "2")
+    state = load_file(resumed / "checkpoint-2" / "optimizer.safetensors")
+    eight_bit = {name.split(".")[0] for name, value in state.items() if value.dtype == torch.uint8}
+    thirty_two_bit = {name.split(".")[0] for name, value in state.items() if name.endswith(".state1")} - eight_bit
+    assert eight_bit and thirty_two_bit
+    for param_id in eight_bit:
+        quant = {name.rsplit(".", 1)[1]: value for name, value in state.items() if name.startswith(f"{param_id}.")}
+        assert {"state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2"} <= quant.keys()
+        assert quant["qmap1"].shape == (256,) and quant["absmax1"].abs().max() > 0  # a real map, a real moment
+    saved_step2 = load_file(resumed / "checkpoint-2" / "learned_embeds.safetensors")[TOKEN]
+    (resumed / "pytorch_lora_weights.safetensors").unlink()
+    train(tiny_sd_path, instance_dir, resumed, *common, "--resume_from_checkpoint", "checkpoint-2")
+    compared = ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "checkpoint-4/optimizer.safetensors")
+    for name in compared:
+        a, b = load_file(full / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not torch.equal(load_file(resumed / "learned_embeds.safetensors")[TOKEN], saved_step2)
+
+
 def test_gradient_checkpointing_reaches_the_text_encoder(tiny_sd_path, instance_dir, tmp_path, monkeypatch):
     """transformers checkpoints a layer only in training mode: with the flag, the first encoder layer runs again in
     the backward pass (recomputation), once per step on top of its forward."""
@@ -596,6 +626,22 @@ def test_error_xformers_missing(tiny_sd_path, instance_dir, tmp_path, monkeypatc
     monkeypatch.setattr(import_utils, "is_xformers_available", lambda: False)
     message = _error(tiny_sd_path, instance_dir, tmp_path, "--enable_xformers_memory_efficient_attention")
     assert "--enable_xformers_memory_efficient_attention" in message and "pip install xformers" in message
+
+
+@pytest.mark.parametrize(
+    "package, flags",
+    [("bitsandbytes", ["--use_8bit_adam"]), ("datasets", ["--dataset_name", "imagefolder"])],
+)
+def test_error_optional_package_missing(tiny_sd_path, instance_dir, tmp_path, monkeypatch, package, flags):
+    """The optional packages are needed only by their flag; without them the run stops before anything is loaded."""
+    monkeypatch.setitem(sys.modules, package, None)  # what an uninstalled package looks like to the import system
+    argv = base_args(tiny_sd_path, instance_dir, tmp_path / "out", *flags)
+    if package == "datasets":
+        argv = argv[:2] + argv[4:]  # --dataset_name replaces --instance_data_dir
+    with pytest.raises(SystemExit) as info:
+        tp.cli(argv)
+    assert f"{flags[0]} needs the '{package}' package: `pip install {package}`" in str(info.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_error_clean_prompt_with_token(tiny_sd_path, instance_dir, tmp_path):
