@@ -118,7 +118,9 @@ def parse_args(input_args=None):
         "--dataset_name",
         type=str,
         default=None,
-        help="Instead of --instance_data_dir: a `datasets` dataset (Hub id or local folder) holding the subject photos.",
+        help="Instead of --instance_data_dir: a `datasets` dataset holding the subject photos (its train split): a Hub "
+        "id, a local folder `datasets.load_dataset` reads (e.g. an image folder), or a folder written by "
+        "`save_to_disk`. Needs `pip install datasets`.",
     )
     parser.add_argument("--dataset_config_name", type=str, default=None, help="Config name of --dataset_name.")
     parser.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
@@ -1225,12 +1227,32 @@ def load_instance_images(folder, flag="--instance_data_dir"):
     return images
 
 
+def saved_to_disk(path):
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``, told apart
+    by the files ``datasets.load_from_disk`` itself looks for."""
+    path = Path(path)
+    dataset_files = (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+    return dataset_files or (path / "dataset_dict.json").is_file()
+
+
 def load_dataset_images(dataset_name, config_name, image_column, cache_dir):
+    """The images of --dataset_name's train split: a folder written by ``save_to_disk``, or anything
+    ``datasets.load_dataset`` reads (a Hub id, a local image folder, data files)."""
+    import datasets  # installed: validate_args checked it
+
     try:
-        import datasets
-    except ImportError as error:
-        raise UserInputError("--dataset_name needs the 'datasets' package: `pip install datasets`.") from error
-    dataset = datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir, split="train")
+        if saved_to_disk(dataset_name):
+            if config_name is not None:
+                raise UserInputError("--dataset_config_name does not apply to a folder written by save_to_disk.")
+            dataset = datasets.load_from_disk(dataset_name)
+            if isinstance(dataset, datasets.DatasetDict):
+                if "train" not in dataset:
+                    raise UserInputError(f"--dataset_name {dataset_name!r} has no 'train' split: {list(dataset)}.")
+                dataset = dataset["train"]
+        else:
+            dataset = datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir, split="train")
+    except FileNotFoundError as error:
+        raise UserInputError(f"--dataset_name {dataset_name!r} was not found: {error}") from error
     if image_column not in dataset.column_names:
         raise UserInputError(
             f"--image_column {image_column!r} is not a column of {dataset_name!r} (columns: {dataset.column_names})."

@@ -516,37 +516,66 @@ def test_gradient_checkpointing_reaches_the_text_encoder(tiny_sd_path, instance_
     assert run.base_unet.is_gradient_checkpointing
 
 
-def test_dataset_name_reads_the_image_column(tiny_sd_path, tmp_path, monkeypatch):
-    """--dataset_name goes through `datasets.load_dataset` (a local imagefolder here, served by a stand-in module
-    with the same call), checks the column, and trains on its images."""
-    import importlib.machinery
-    import types
+def dataset_argv(model, dataset, output_dir, *extra):
+    """base_args with --dataset_name in place of --instance_data_dir; one step, no validation."""
+    argv = base_args(model, "unused", output_dir, "--max_train_steps", "1", "--num_validation_images", "0", *extra)
+    return argv[:2] + ["--dataset_name", str(dataset)] + argv[4:]
 
+
+def pixels(images):
+    import numpy as np
+
+    return [np.asarray(image) for image in images]
+
+
+def test_dataset_name_reads_a_local_image_folder(tiny_sd_path, tmp_path):
+    """A local folder of images is what `datasets.load_dataset` reads as an `imagefolder` dataset: its `image` column
+    holds the photos, pixel for pixel, and a run trains on them."""
     from PIL import Image
 
     folder = write_instance_images(tmp_path / "imagefolder", n=2)
-    seen = {}
+    cache = str(tmp_path / "cache")
+    photos = [Image.open(path) for path in sorted(folder.glob("*.png"))]
+    loaded = tp.load_dataset_images(str(folder), None, "image", cache)
+    assert len(loaded) == 2 and all((a == b).all() for a, b in zip(pixels(loaded), pixels(photos)))
+    run = tp.main(tp.parse_args(dataset_argv(tiny_sd_path, folder, tmp_path / "out", "--cache_dir", cache)))
+    assert run.global_step == 1 and (tmp_path / "out" / "learned_embeds.safetensors").is_file()
+    with pytest.raises(tp.UserInputError, match=r"--image_column 'pixels' is not a column .*\['image'\]"):
+        tp.load_dataset_images(str(folder), None, "pixels", cache)
+    with pytest.raises(tp.UserInputError, match="--dataset_name .* was not found"):
+        tp.load_dataset_images(str(tmp_path / "nope"), None, "image", cache)
 
-    class Dataset:
-        column_names = ["image", "label"]
 
-        def __getitem__(self, column):
-            return [Image.open(p) for p in sorted(folder.glob("*.png"))] if column == "image" else [0, 0]
+def test_dataset_name_reads_a_folder_written_by_save_to_disk(tiny_sd_path, tmp_path):
+    """A Dataset saved with `save_to_disk` (here with a `picture` column) is read with `datasets.load_from_disk`; a
+    DatasetDict gives its train split; a run trains on it."""
+    import datasets
+    from PIL import Image
 
-    def load_dataset(name, config_name=None, cache_dir=None, split=None):
-        seen["call"] = (name, config_name, split)
-        return Dataset()
+    def photos(seed):
+        folder = write_instance_images(tmp_path / f"photos-{seed}", n=2, seed=seed)
+        return [Image.open(path) for path in sorted(folder.glob("*.png"))]
 
-    module = types.ModuleType("datasets")
-    module.load_dataset = load_dataset
-    module.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
-    monkeypatch.setitem(sys.modules, "datasets", module)
-    argv = base_args(tiny_sd_path, "unused", tmp_path / "out", "--max_train_steps", "1", "--num_validation_images", "0")
-    argv = argv[:2] + ["--dataset_name", str(folder)] + argv[4:]
-    run = tp.main(tp.parse_args(argv))
-    assert seen["call"] == (str(folder), None, "train") and run.global_step == 1
-    with pytest.raises(SystemExit, match="--image_column 'pixels'"):
-        tp.cli([*argv, "--image_column", "pixels", "--overwrite_output_dir"])
+    features = datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string")})
+
+    def dataset(images):
+        return datasets.Dataset.from_dict({"picture": images, "caption": ["a cat"] * len(images)}, features=features)
+
+    train_photos, test_photos = photos(0), photos(1)
+    dataset(train_photos).save_to_disk(tmp_path / "saved")
+    both_splits = datasets.DatasetDict({"test": dataset(test_photos), "train": dataset(train_photos)})
+    both_splits.save_to_disk(tmp_path / "dict")
+    datasets.DatasetDict({"test": dataset(test_photos)}).save_to_disk(tmp_path / "no-train")
+    for name in ("saved", "dict"):
+        loaded = tp.load_dataset_images(str(tmp_path / name), None, "picture", None)
+        assert len(loaded) == 2 and all((a == b).all() for a, b in zip(pixels(loaded), pixels(train_photos))), name
+    with pytest.raises(tp.UserInputError, match=r"has no 'train' split: \['test'\]"):
+        tp.load_dataset_images(str(tmp_path / "no-train"), None, "picture", None)
+    with pytest.raises(tp.UserInputError, match="--dataset_config_name does not apply"):
+        tp.load_dataset_images(str(tmp_path / "saved"), "default", "picture", None)
+    run = tp.main(tp.parse_args(dataset_argv(tiny_sd_path, tmp_path / "saved", tmp_path / "out", "--image_column",
+                                             "picture")))  # fmt: skip
+    assert run.global_step == 1 and (tmp_path / "out" / "learned_embeds.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------------------------- errors
