@@ -96,6 +96,7 @@ KOHYA_LORA_NAME = "pytorch_lora_weights_kohya.safetensors"
 CONFIG_NAME = "training_config.json"
 CHECKPOINT_STATE_NAME = "training_state.json"
 OPTIMIZER_TENSORS_NAME = "optimizer.safetensors"
+LOCK_NAME = ".palp-run.lock"
 
 
 class UserInputError(ValueError):
@@ -1892,9 +1893,9 @@ def create_hub_repo(args):
 
 
 def hub_ignore_patterns(output_dir, logging_dir):
-    """What never goes to the Hub: checkpoints (optimizer states), partial files and the tracker logs, wherever
-    --logging_dir put them inside --output_dir."""
-    patterns = ["checkpoint-*", ".checkpoint-*", "*.tmp", "*events.out.tfevents*", "wandb/*"]
+    """What never goes to the Hub: checkpoints (optimizer states), partial files, the run's lock file and the
+    tracker logs, wherever --logging_dir put them inside --output_dir."""
+    patterns = ["checkpoint-*", ".checkpoint-*", "*.tmp", "*events.out.tfevents*", "wandb/*", LOCK_NAME]
     logs = Path(output_dir, logging_dir).resolve()
     if logs.is_relative_to(Path(output_dir).resolve()) and logs != Path(output_dir).resolve():
         patterns.append(f"{logs.relative_to(Path(output_dir).resolve()).as_posix()}/*")
@@ -1946,6 +1947,39 @@ class StopRequest:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir, is_main_process):
+    """One run per --output_dir: the main process holds an exclusive flock on a file there until the run ends.
+
+    Two runs in one folder would overwrite each other's checkpoints and outputs (and rotate each other's
+    checkpoints away), so a second one stops at once, before it loads a model or writes or deletes anything. The
+    kernel drops the lock with the process however it ends, SIGKILL included: a stale lock file holds no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock; the folder goes unguarded there.
+        fcntl = None
+    if not is_main_process or fcntl is None:
+        yield
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(Path(output_dir) / LOCK_NAME, "a+") as handle:  # "a+": a refused run must not truncate the file
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserInputError(
+                f"--output_dir {str(output_dir)!r} is in use by another training run (process {holder}): wait for "
+                "it to end or stop it, or choose another --output_dir. Once it has stopped, "
+                "--resume_from_checkpoint latest continues it."
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
 
 
 def setup_accelerator(args):
@@ -2354,49 +2388,51 @@ def build_run(
 
 def main(args):
     accelerator = setup_accelerator(args)
-    # Inputs first: everything a user can get wrong fails here, before a model is loaded.
-    images = (
-        load_instance_images(args.instance_data_dir)
-        if args.instance_data_dir
-        else load_dataset_images(args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir)
-    )
-    conditioner = load_text_conditioner(args)
-    token = args.placeholder_token
-    personalization_prompt = format_prompt(args.personalization_prompt, token)
-    clean_prompt = args.clean_prompt or default_clean_prompt(args.target_prompt, token, args.class_name)
-    config = public_config(
-        args,
-        clean_prompt_resolved=clean_prompt,
-        personalization_prompt_resolved=personalization_prompt,
-        validation_prompt_resolved=args.validation_prompt or args.target_prompt,
-        lora_alpha=resolved_lora_alpha(args),
-        pipeline_class=conditioner.pipeline_class.__name__,
-    )
-
-    run = build_run(
-        args,
-        accelerator,
-        conditioner,
-        [token],
-        [args.class_name],
-        images,
-        clean_prompt,
-        config,
-        draw_indices=lambda step, seed, rank, world: batch_indices(
-            len(images), args.train_batch_size, step, seed, rank, world
-        ),
-        batch_prompts=lambda indices: [personalization_prompt] * len(indices),
-    )
-    if accelerator.is_main_process:
-        accelerator.init_trackers(
-            "palp", config={k: v for k, v in run.config.items() if isinstance(v, (int, float, str, bool))}
+    # Before anything is loaded, written or deleted: a second run into a folder that a live run holds stops here.
+    with output_dir_lock(args.output_dir, accelerator.is_main_process):
+        # Inputs first: everything a user can get wrong fails here, before a model is loaded.
+        images = (
+            load_instance_images(args.instance_data_dir)
+            if args.instance_data_dir
+            else load_dataset_images(args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir)
         )
-    logger.info(
-        f"PALP: {len(images)} image(s), y_P={personalization_prompt!r}, y_c={clean_prompt!r}, "
-        f"mode={run.alignment.mode}, α={args.guidance_scale_pretrained}, β={args.guidance_scale_personalized}, "
-        f"seed={run.seed}"
-    )
-    train_and_save(run)
+        conditioner = load_text_conditioner(args)
+        token = args.placeholder_token
+        personalization_prompt = format_prompt(args.personalization_prompt, token)
+        clean_prompt = args.clean_prompt or default_clean_prompt(args.target_prompt, token, args.class_name)
+        config = public_config(
+            args,
+            clean_prompt_resolved=clean_prompt,
+            personalization_prompt_resolved=personalization_prompt,
+            validation_prompt_resolved=args.validation_prompt or args.target_prompt,
+            lora_alpha=resolved_lora_alpha(args),
+            pipeline_class=conditioner.pipeline_class.__name__,
+        )
+
+        run = build_run(
+            args,
+            accelerator,
+            conditioner,
+            [token],
+            [args.class_name],
+            images,
+            clean_prompt,
+            config,
+            draw_indices=lambda step, seed, rank, world: batch_indices(
+                len(images), args.train_batch_size, step, seed, rank, world
+            ),
+            batch_prompts=lambda indices: [personalization_prompt] * len(indices),
+        )
+        if accelerator.is_main_process:
+            accelerator.init_trackers(
+                "palp", config={k: v for k, v in run.config.items() if isinstance(v, (int, float, str, bool))}
+            )
+        logger.info(
+            f"PALP: {len(images)} image(s), y_P={personalization_prompt!r}, y_c={clean_prompt!r}, "
+            f"mode={run.alignment.mode}, α={args.guidance_scale_pretrained}, β={args.guidance_scale_personalized}, "
+            f"seed={run.seed}"
+        )
+        train_and_save(run)
     return run
 
 

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 import train_palp_multi_subject as tpm
-from conftest import REPO_ROOT, build_tiny_clip_tokenizer, write_instance_images
+from conftest import REPO_ROOT, build_tiny_clip_tokenizer, folder_snapshot, write_instance_images
 
 CAT, ART = "<my-cat>", "<wanderer>"
 CAT_PROMPT, ART_PROMPT = f"A photo of {CAT}", f"An oil painting of {ART}"
@@ -421,6 +421,23 @@ def test_two_subject_8bit_adam_run_resumes_bit_exact(tiny_sd_path, tmp_path, sub
     assert isinstance(run.optimizer.optimizer, bnb.optim.AdamW8bit)
     state = load_file(resumed / "checkpoint-2" / "optimizer.safetensors")
     assert any(value.dtype == torch.uint8 for value in state.values()) and any(".absmax1" in name for name in state)
+
+
+def test_a_run_into_an_output_dir_held_by_another_stops_and_touches_nothing(tiny_sd_path, tmp_path, subject_dirs):
+    """While another run holds --output_dir, a launch stops before loading anything, and --overwrite_output_dir does
+    not make it delete the other run's checkpoints; once the folder is free, a run takes it."""
+    out = tmp_path / "out"
+    argv = subject_flags(*subject_dirs) + common_flags(tiny_sd_path, out) + ["--num_validation_images", "0"]
+    with tpm.output_dir_lock(out, is_main_process=True):  # another run's hold (flock conflicts within a process too)
+        (out / "checkpoint-2").mkdir()
+        (out / "checkpoint-2" / "training_state.json").write_text("{}")
+        before = folder_snapshot(out)
+        with pytest.raises(SystemExit, match=r"--output_dir .* is in use by another training run \(process \d+\)"):
+            tpm.cli([*argv, "--overwrite_output_dir", "--checkpoints_total_limit", "1", "--checkpointing_steps", "1"])
+        assert folder_snapshot(out) == before
+    shutil.rmtree(out / "checkpoint-2")
+    assert tpm.main(tpm.parse_args([*argv, "--max_train_steps", "1"])).global_step == 1
+    assert (out / tpm.LOCK_NAME).read_text() == f"{os.getpid()}\n"
 
 
 def test_two_subject_upload(tiny_sd_path, tmp_path, subject_dirs, monkeypatch):

@@ -319,6 +319,7 @@ def test_push_to_hub_uploads_outputs_without_checkpoints_logs_or_local_paths(
         "samples/final_0.png",
     } <= uploaded
     assert not any(f.startswith(("checkpoint-", "runs/")) or "optimizer" in f or "tfevents" in f for f in uploaded)
+    assert (out / tp.LOCK_NAME).is_file() and tp.LOCK_NAME not in uploaded
     metadata, config = check_uploaded_card_and_config(calls["files"], [tiny_sd_path, instance_dir, tmp_path])
     assert "base_model" not in metadata  # a local folder that records no Hub id
     assert config["pretrained_model_name_or_path"] == Path(tiny_sd_path).name
