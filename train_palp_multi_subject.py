@@ -434,11 +434,17 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
 
     # Checkpoints.
-    parser.add_argument("--output_dir", type=str, default="palp-model", help="Where outputs and checkpoints go.")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="palp-model",
+        help="Where outputs and checkpoints go. One run at a time: a run holds the folder (a lock file in it) until it "
+        "exits, and a second launch into it stops at once.",
+    )
     parser.add_argument(
         "--overwrite_output_dir",
         action="store_true",
-        help="Allow writing into an --output_dir that already holds a finished run.",
+        help="Allow writing into an --output_dir that already holds a finished run (never into one a live run holds).",
     )
     parser.add_argument(
         "--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps."
