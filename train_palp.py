@@ -96,6 +96,7 @@ KOHYA_LORA_NAME = "pytorch_lora_weights_kohya.safetensors"
 CONFIG_NAME = "training_config.json"
 CHECKPOINT_STATE_NAME = "training_state.json"
 OPTIMIZER_TENSORS_NAME = "optimizer.safetensors"
+LOCK_NAME = ".palp-run.lock"
 
 
 class UserInputError(ValueError):
@@ -118,7 +119,9 @@ def parse_args(input_args=None):
         "--dataset_name",
         type=str,
         default=None,
-        help="Instead of --instance_data_dir: a `datasets` dataset (Hub id or local folder) holding the subject photos.",
+        help="Instead of --instance_data_dir: a `datasets` dataset holding the subject photos (its train split): a Hub "
+        "id, a local folder `datasets.load_dataset` reads (e.g. an image folder), or a folder written by "
+        "`save_to_disk`. Needs `pip install datasets`.",
     )
     parser.add_argument("--dataset_config_name", type=str, default=None, help="Config name of --dataset_name.")
     parser.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
@@ -365,7 +368,12 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule.")
     parser.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
     parser.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    parser.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    parser.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="8-bit AdamW from bitsandbytes (`pip install bitsandbytes`; CUDA or CPU). As bitsandbytes does, tensors "
+        "under 4096 elements (the token rows, small LoRA matrices) keep 32-bit state.",
+    )
     parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1.")
     parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2.")
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
@@ -394,11 +402,17 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
 
     # Checkpoints.
-    parser.add_argument("--output_dir", type=str, default="palp-model", help="Where outputs and checkpoints go.")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="palp-model",
+        help="Where outputs and checkpoints go. One run at a time: a run holds the folder (a lock file in it) until it "
+        "exits, and a second launch into it stops at once.",
+    )
     parser.add_argument(
         "--overwrite_output_dir",
         action="store_true",
-        help="Allow writing into an --output_dir that already holds a finished run.",
+        help="Allow writing into an --output_dir that already holds a finished run (never into one a live run holds).",
     )
     parser.add_argument(
         "--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps."
@@ -1319,12 +1333,32 @@ def load_instance_images(folder, flag="--instance_data_dir"):
     return images
 
 
+def saved_to_disk(path):
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``, told apart
+    by the files ``datasets.load_from_disk`` itself looks for."""
+    path = Path(path)
+    dataset_files = (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+    return dataset_files or (path / "dataset_dict.json").is_file()
+
+
 def load_dataset_images(dataset_name, config_name, image_column, cache_dir):
+    """The images of --dataset_name's train split: a folder written by ``save_to_disk``, or anything
+    ``datasets.load_dataset`` reads (a Hub id, a local image folder, data files)."""
+    import datasets  # installed: validate_args checked it
+
     try:
-        import datasets
-    except ImportError as error:
-        raise UserInputError("--dataset_name needs the 'datasets' package: `pip install datasets`.") from error
-    dataset = datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir, split="train")
+        if saved_to_disk(dataset_name):
+            if config_name is not None:
+                raise UserInputError("--dataset_config_name does not apply to a folder written by save_to_disk.")
+            dataset = datasets.load_from_disk(dataset_name)
+            if isinstance(dataset, datasets.DatasetDict):
+                if "train" not in dataset:
+                    raise UserInputError(f"--dataset_name {dataset_name!r} has no 'train' split: {list(dataset)}.")
+                dataset = dataset["train"]
+        else:
+            dataset = datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir, split="train")
+    except FileNotFoundError as error:
+        raise UserInputError(f"--dataset_name {dataset_name!r} was not found: {error}") from error
     if image_column not in dataset.column_names:
         raise UserInputError(
             f"--image_column {image_column!r} is not a column of {dataset_name!r} (columns: {dataset.column_names})."
@@ -1604,14 +1638,26 @@ def load_embeddings(folder, tokens, conditioner):
 
 
 def save_optimizer(folder, optimizer):
-    """Optimizer state as safetensors (tensors) + JSON (everything else): no pickle in a checkpoint."""
+    """Optimizer state as safetensors (tensors) + JSON (everything else): no pickle in a checkpoint.
+
+    A parameter's state may nest dicts (bitsandbytes' 8-bit AdamW keeps its quantization maps and absmax blocks in
+    one): nested keys are joined with dots. Tensors are cloned because bitsandbytes shares one quantization map among
+    all parameters, and safetensors refuses tensors that share memory.
+    """
+
+    def flatten(prefix, values):
+        for key, value in values.items():
+            if isinstance(value, dict):
+                yield from flatten(f"{prefix}.{key}", value)
+            else:
+                yield f"{prefix}.{key}", value
+
     state_dict = optimizer.state_dict()
     tensors, scalars = {}, {}
     for param_id, param_state in state_dict["state"].items():
-        for key, value in param_state.items():
-            name = f"{param_id}.{key}"
+        for name, value in flatten(param_id, param_state):
             if torch.is_tensor(value):
-                tensors[name] = value.detach().cpu().contiguous()
+                tensors[name] = value.detach().cpu().clone().contiguous()
             else:
                 scalars[name] = value
     save_file(tensors, os.path.join(folder, OPTIMIZER_TENSORS_NAME))
@@ -1623,8 +1669,11 @@ def load_optimizer(folder, optimizer, saved):
     for name, value in list(load_file(os.path.join(folder, OPTIMIZER_TENSORS_NAME)).items()) + list(
         saved["scalars"].items()
     ):
-        param_id, key = name.split(".", 1)
-        state.setdefault(int(param_id), {})[key] = value
+        param_id, *keys = name.split(".")
+        node = state.setdefault(int(param_id), {})
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
@@ -1949,9 +1998,9 @@ def create_hub_repo(args):
 
 
 def hub_ignore_patterns(output_dir, logging_dir):
-    """What never goes to the Hub: checkpoints (optimizer states), partial files and the tracker logs, wherever
-    --logging_dir put them inside --output_dir."""
-    patterns = ["checkpoint-*", ".checkpoint-*", "*.tmp", "*events.out.tfevents*", "wandb/*"]
+    """What never goes to the Hub: checkpoints (optimizer states), partial files, the run's lock file and the
+    tracker logs, wherever --logging_dir put them inside --output_dir."""
+    patterns = ["checkpoint-*", ".checkpoint-*", "*.tmp", "*events.out.tfevents*", "wandb/*", LOCK_NAME]
     logs = Path(output_dir, logging_dir).resolve()
     if logs.is_relative_to(Path(output_dir).resolve()) and logs != Path(output_dir).resolve():
         patterns.append(f"{logs.relative_to(Path(output_dir).resolve()).as_posix()}/*")
@@ -2003,6 +2052,39 @@ class StopRequest:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir, is_main_process):
+    """One run per --output_dir: the main process holds an exclusive flock on a file there until the run ends.
+
+    Two runs in one folder would overwrite each other's checkpoints and outputs (and rotate each other's
+    checkpoints away), so a second one stops at once, before it loads a model or writes or deletes anything. The
+    kernel drops the lock with the process however it ends, SIGKILL included: a stale lock file holds no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock; the folder goes unguarded there.
+        fcntl = None
+    if not is_main_process or fcntl is None:
+        yield
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(Path(output_dir) / LOCK_NAME, "a+") as handle:  # "a+": a refused run must not truncate the file
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserInputError(
+                f"--output_dir {str(output_dir)!r} is in use by another training run (process {holder}): wait for "
+                "it to end or stop it, or choose another --output_dir. Once it has stopped, "
+                "--resume_from_checkpoint latest continues it."
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
 
 
 def setup_accelerator(args):
@@ -2460,49 +2542,51 @@ def build_run(
 
 def main(args):
     accelerator = setup_accelerator(args)
-    # Inputs first: everything a user can get wrong fails here, before a model is loaded.
-    images = (
-        load_instance_images(args.instance_data_dir)
-        if args.instance_data_dir
-        else load_dataset_images(args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir)
-    )
-    conditioner = load_text_conditioner(args)
-    token = args.placeholder_token
-    personalization_prompt = format_prompt(args.personalization_prompt, token)
-    clean_prompt = args.clean_prompt or default_clean_prompt(args.target_prompt, token, args.class_name)
-    config = public_config(
-        args,
-        clean_prompt_resolved=clean_prompt,
-        personalization_prompt_resolved=personalization_prompt,
-        validation_prompt_resolved=args.validation_prompt or args.target_prompt,
-        lora_alpha=resolved_lora_alpha(args),
-        pipeline_class=conditioner.pipeline_class.__name__,
-    )
-
-    run = build_run(
-        args,
-        accelerator,
-        conditioner,
-        [token],
-        [args.class_name],
-        images,
-        clean_prompt,
-        config,
-        draw_indices=lambda step, seed, rank, world: batch_indices(
-            len(images), args.train_batch_size, step, seed, rank, world
-        ),
-        batch_prompts=lambda indices: [personalization_prompt] * len(indices),
-    )
-    if accelerator.is_main_process:
-        accelerator.init_trackers(
-            "palp", config={k: v for k, v in run.config.items() if isinstance(v, (int, float, str, bool))}
+    # Before anything is loaded, written or deleted: a second run into a folder that a live run holds stops here.
+    with output_dir_lock(args.output_dir, accelerator.is_main_process):
+        # Inputs first: everything a user can get wrong fails here, before a model is loaded.
+        images = (
+            load_instance_images(args.instance_data_dir)
+            if args.instance_data_dir
+            else load_dataset_images(args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir)
         )
-    logger.info(
-        f"PALP: {len(images)} image(s), y_P={personalization_prompt!r}, y_c={clean_prompt!r}, "
-        f"mode={run.alignment.mode}, α={args.guidance_scale_pretrained}, β={args.guidance_scale_personalized}, "
-        f"seed={run.seed}"
-    )
-    train_and_save(run)
+        conditioner = load_text_conditioner(args)
+        token = args.placeholder_token
+        personalization_prompt = format_prompt(args.personalization_prompt, token)
+        clean_prompt = args.clean_prompt or default_clean_prompt(args.target_prompt, token, args.class_name)
+        config = public_config(
+            args,
+            clean_prompt_resolved=clean_prompt,
+            personalization_prompt_resolved=personalization_prompt,
+            validation_prompt_resolved=args.validation_prompt or args.target_prompt,
+            lora_alpha=resolved_lora_alpha(args),
+            pipeline_class=conditioner.pipeline_class.__name__,
+        )
+
+        run = build_run(
+            args,
+            accelerator,
+            conditioner,
+            [token],
+            [args.class_name],
+            images,
+            clean_prompt,
+            config,
+            draw_indices=lambda step, seed, rank, world: batch_indices(
+                len(images), args.train_batch_size, step, seed, rank, world
+            ),
+            batch_prompts=lambda indices: [personalization_prompt] * len(indices),
+        )
+        if accelerator.is_main_process:
+            accelerator.init_trackers(
+                "palp", config={k: v for k, v in run.config.items() if isinstance(v, (int, float, str, bool))}
+            )
+        logger.info(
+            f"PALP: {len(images)} image(s), y_P={personalization_prompt!r}, y_c={clean_prompt!r}, "
+            f"mode={run.alignment.mode}, α={args.guidance_scale_pretrained}, β={args.guidance_scale_personalized}, "
+            f"seed={run.seed}"
+        )
+        train_and_save(run)
     return run
 
 

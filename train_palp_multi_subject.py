@@ -110,6 +110,8 @@ CONFIG_NAME = "training_config.json"
 CHECKPOINT_STATE_NAME = "training_state.json"
 # Copied from train_palp.OPTIMIZER_TENSORS_NAME
 OPTIMIZER_TENSORS_NAME = "optimizer.safetensors"
+# Copied from train_palp.LOCK_NAME
+LOCK_NAME = ".palp-run.lock"
 
 # Multi-subject only.
 DEFAULT_PERSONALIZATION_PROMPT = "A photo of {token}"
@@ -411,7 +413,12 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule.")
     parser.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
     parser.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    parser.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    parser.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="8-bit AdamW from bitsandbytes (`pip install bitsandbytes`; CUDA or CPU). As bitsandbytes does, tensors "
+        "under 4096 elements (the token rows, small LoRA matrices) keep 32-bit state.",
+    )
     parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1.")
     parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2.")
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
@@ -440,11 +447,17 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
 
     # Checkpoints.
-    parser.add_argument("--output_dir", type=str, default="palp-model", help="Where outputs and checkpoints go.")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="palp-model",
+        help="Where outputs and checkpoints go. One run at a time: a run holds the folder (a lock file in it) until it "
+        "exits, and a second launch into it stops at once.",
+    )
     parser.add_argument(
         "--overwrite_output_dir",
         action="store_true",
-        help="Allow writing into an --output_dir that already holds a finished run.",
+        help="Allow writing into an --output_dir that already holds a finished run (never into one a live run holds).",
     )
     parser.add_argument(
         "--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps."
@@ -1894,14 +1907,26 @@ def load_embeddings(folder, tokens, conditioner):
 
 # Copied from train_palp.save_optimizer
 def save_optimizer(folder, optimizer):
-    """Optimizer state as safetensors (tensors) + JSON (everything else): no pickle in a checkpoint."""
+    """Optimizer state as safetensors (tensors) + JSON (everything else): no pickle in a checkpoint.
+
+    A parameter's state may nest dicts (bitsandbytes' 8-bit AdamW keeps its quantization maps and absmax blocks in
+    one): nested keys are joined with dots. Tensors are cloned because bitsandbytes shares one quantization map among
+    all parameters, and safetensors refuses tensors that share memory.
+    """
+
+    def flatten(prefix, values):
+        for key, value in values.items():
+            if isinstance(value, dict):
+                yield from flatten(f"{prefix}.{key}", value)
+            else:
+                yield f"{prefix}.{key}", value
+
     state_dict = optimizer.state_dict()
     tensors, scalars = {}, {}
     for param_id, param_state in state_dict["state"].items():
-        for key, value in param_state.items():
-            name = f"{param_id}.{key}"
+        for name, value in flatten(param_id, param_state):
             if torch.is_tensor(value):
-                tensors[name] = value.detach().cpu().contiguous()
+                tensors[name] = value.detach().cpu().clone().contiguous()
             else:
                 scalars[name] = value
     save_file(tensors, os.path.join(folder, OPTIMIZER_TENSORS_NAME))
@@ -1914,8 +1939,11 @@ def load_optimizer(folder, optimizer, saved):
     for name, value in list(load_file(os.path.join(folder, OPTIMIZER_TENSORS_NAME)).items()) + list(
         saved["scalars"].items()
     ):
-        param_id, key = name.split(".", 1)
-        state.setdefault(int(param_id), {})[key] = value
+        param_id, *keys = name.split(".")
+        node = state.setdefault(int(param_id), {})
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
@@ -2269,9 +2297,9 @@ def create_hub_repo(args):
 
 # Copied from train_palp.hub_ignore_patterns
 def hub_ignore_patterns(output_dir, logging_dir):
-    """What never goes to the Hub: checkpoints (optimizer states), partial files and the tracker logs, wherever
-    --logging_dir put them inside --output_dir."""
-    patterns = ["checkpoint-*", ".checkpoint-*", "*.tmp", "*events.out.tfevents*", "wandb/*"]
+    """What never goes to the Hub: checkpoints (optimizer states), partial files, the run's lock file and the
+    tracker logs, wherever --logging_dir put them inside --output_dir."""
+    patterns = ["checkpoint-*", ".checkpoint-*", "*.tmp", "*events.out.tfevents*", "wandb/*", LOCK_NAME]
     logs = Path(output_dir, logging_dir).resolve()
     if logs.is_relative_to(Path(output_dir).resolve()) and logs != Path(output_dir).resolve():
         patterns.append(f"{logs.relative_to(Path(output_dir).resolve()).as_posix()}/*")
@@ -2325,6 +2353,40 @@ class StopRequest:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+# Copied from train_palp.output_dir_lock
+@contextlib.contextmanager
+def output_dir_lock(output_dir, is_main_process):
+    """One run per --output_dir: the main process holds an exclusive flock on a file there until the run ends.
+
+    Two runs in one folder would overwrite each other's checkpoints and outputs (and rotate each other's
+    checkpoints away), so a second one stops at once, before it loads a model or writes or deletes anything. The
+    kernel drops the lock with the process however it ends, SIGKILL included: a stale lock file holds no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock; the folder goes unguarded there.
+        fcntl = None
+    if not is_main_process or fcntl is None:
+        yield
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(Path(output_dir) / LOCK_NAME, "a+") as handle:  # "a+": a refused run must not truncate the file
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserInputError(
+                f"--output_dir {str(output_dir)!r} is in use by another training run (process {holder}): wait for "
+                "it to end or stop it, or choose another --output_dir. Once it has stopped, "
+                "--resume_from_checkpoint latest continues it."
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
 
 
 # Copied from train_palp.setup_accelerator
@@ -2796,61 +2858,64 @@ def build_run(
 
 def main(args):
     accelerator = setup_accelerator(args)
-    # Inputs first: everything a user can get wrong fails here, before a model is loaded.
-    subjects = read_subjects(args)
-    subject_images = [
-        load_instance_images(subject.instance_data_dir, flag=f"{subject.origin}: instance_data_dir")
-        for subject in subjects
-    ]
-    image_counts = [len(images) for images in subject_images]
-    images = [image for group in subject_images for image in group]
-    conditioner = load_text_conditioner(args)
-    tokens = [subject.placeholder_token for subject in subjects]
-    prompts = [subject.prompt for subject in subjects]
-    config = public_config(
-        args,
-        subjects=[
-            {
-                "placeholder_token": subject.placeholder_token,
-                "class_name": subject.class_name,
-                "instance_data_dir": subject.instance_data_dir,
-                "num_images": count,
-                "personalization_prompt": subject.prompt,
-            }
-            for subject, count in zip(subjects, image_counts)
-        ],
-        clean_prompt_resolved=args.clean_prompt,
-        validation_prompt_resolved=args.validation_prompt or args.target_prompt,
-        lora_alpha=resolved_lora_alpha(args),
-        pipeline_class=conditioner.pipeline_class.__name__,
-    )
-
-    run = build_run(
-        args,
-        accelerator,
-        conditioner,
-        tokens,
-        [subject.class_name for subject in subjects],
-        images,
-        args.clean_prompt,
-        config,
-        draw_indices=subject_sampler(args.subject_sampling, image_counts, args.train_batch_size),
-        batch_prompts=personalization_batch(image_counts, prompts),
-    )
-    if accelerator.is_main_process:
-        accelerator.init_trackers(
-            "palp-multi-subject",
-            config={k: v for k, v in run.config.items() if isinstance(v, (int, float, str, bool))},
+    # Before anything is loaded, written or deleted: a second run into a folder that a live run holds stops here.
+    with output_dir_lock(args.output_dir, accelerator.is_main_process):
+        # Inputs first: everything a user can get wrong fails here, before a model is loaded.
+        subjects = read_subjects(args)
+        subject_images = [
+            load_instance_images(subject.instance_data_dir, flag=f"{subject.origin}: instance_data_dir")
+            for subject in subjects
+        ]
+        image_counts = [len(images) for images in subject_images]
+        images = [image for group in subject_images for image in group]
+        conditioner = load_text_conditioner(args)
+        tokens = [subject.placeholder_token for subject in subjects]
+        prompts = [subject.prompt for subject in subjects]
+        config = public_config(
+            args,
+            subjects=[
+                {
+                    "placeholder_token": subject.placeholder_token,
+                    "class_name": subject.class_name,
+                    "instance_data_dir": subject.instance_data_dir,
+                    "num_images": count,
+                    "personalization_prompt": subject.prompt,
+                }
+                for subject, count in zip(subjects, image_counts)
+            ],
+            clean_prompt_resolved=args.clean_prompt,
+            validation_prompt_resolved=args.validation_prompt or args.target_prompt,
+            lora_alpha=resolved_lora_alpha(args),
+            pipeline_class=conditioner.pipeline_class.__name__,
         )
-    described = "; ".join(
-        f"{token} ({count} image(s), y_P={prompt!r})" for token, count, prompt in zip(tokens, image_counts, prompts)
-    )
-    logger.info(
-        f"PALP multi-subject: {described}; y_c={args.clean_prompt!r}, sampling={args.subject_sampling}, "
-        f"mode={run.alignment.mode}, α={args.guidance_scale_pretrained}, β={args.guidance_scale_personalized}, "
-        f"seed={run.seed}"
-    )
-    train_and_save(run)
+
+        run = build_run(
+            args,
+            accelerator,
+            conditioner,
+            tokens,
+            [subject.class_name for subject in subjects],
+            images,
+            args.clean_prompt,
+            config,
+            draw_indices=subject_sampler(args.subject_sampling, image_counts, args.train_batch_size),
+            batch_prompts=personalization_batch(image_counts, prompts),
+        )
+        if accelerator.is_main_process:
+            accelerator.init_trackers(
+                "palp-multi-subject",
+                config={k: v for k, v in run.config.items() if isinstance(v, (int, float, str, bool))},
+            )
+        described = "; ".join(
+            f"{token} ({count} image(s), y_P={prompt!r})"
+            for token, count, prompt in zip(tokens, image_counts, prompts)
+        )
+        logger.info(
+            f"PALP multi-subject: {described}; y_c={args.clean_prompt!r}, sampling={args.subject_sampling}, "
+            f"mode={run.alignment.mode}, α={args.guidance_scale_pretrained}, β={args.guidance_scale_personalized}, "
+            f"seed={run.seed}"
+        )
+        train_and_save(run)
     return run
 
 

@@ -10,8 +10,8 @@ It builds a Stable Diffusion 1.5-architecture pipeline with random weights from 
 encoder and a generated CLIP BPE tokenizer of the real vocabulary size), writes it to a folder and runs
 ``train_palp.py`` on it, in this process, as a user would:
 
-1. fp16 (``no`` on the CPU) with ``--gradient_checkpointing``, plus ``--use_8bit_adam`` and
-   ``--enable_xformers_memory_efficient_attention`` when bitsandbytes / xformers are installed (CUDA only), one
+1. fp16 (``no`` on the CPU) with ``--gradient_checkpointing``, plus ``--use_8bit_adam`` when bitsandbytes is
+   installed and ``--enable_xformers_memory_efficient_attention`` when xformers is (CUDA only), one
    ``--validation_steps`` validation half-way and a checkpoint half-way;
 2. the same run resumed from that checkpoint into another folder: it must end with the uninterrupted run's weights
    (bit-exact on the CPU; on CUDA within a few Adam steps' size, because CUDA attention kernels are not deterministic);
@@ -218,7 +218,7 @@ def optional_flags(device):
     import importlib.util
 
     flags = ["--gradient_checkpointing"]
-    if device == "cuda" and importlib.util.find_spec("bitsandbytes") is not None:
+    if importlib.util.find_spec("bitsandbytes") is not None:
         flags.append("--use_8bit_adam")
     if device == "cuda" and importlib.util.find_spec("xformers") is not None:
         flags.append("--enable_xformers_memory_efficient_attention")

@@ -290,6 +290,16 @@ def instance_dir(tmp_path):
     return str(write_instance_images(tmp_path / "instance"))
 
 
+def folder_snapshot(folder):
+    """Every file below ``folder`` with its bytes and modification time, and every subfolder: equal snapshots mean
+    nothing was written, created or deleted in between."""
+    folder = Path(folder)
+    return {
+        path.relative_to(folder).as_posix(): (path.read_bytes(), path.stat().st_mtime_ns) if path.is_file() else None
+        for path in folder.rglob("*")
+    }
+
+
 def reset_accelerate_state():
     """accelerate keeps process-wide singletons; a second in-process training run needs them cleared."""
     from accelerate.state import AcceleratorState, GradientState, PartialState

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_palp as tp
-from conftest import REPO_ROOT, reset_accelerate_state, write_instance_images
+from conftest import REPO_ROOT, folder_snapshot, reset_accelerate_state, write_instance_images
 from test_train_palp import TOKEN, base_args, train
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -211,6 +211,75 @@ def test_nan_loss_stops_without_saving(tiny_sd_path, instance_dir, tmp_path, mon
     assert not list(out.glob("checkpoint-*")) and not (out / "pytorch_lora_weights.safetensors").exists()
 
 
+# ------------------------------------------------------------------------------------------------ one run per folder
+
+
+def _wait_for(condition, process, log, timeout=300):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_second_launch_into_a_held_output_dir_stops_and_a_run_after_sigkill_resumes(
+    tiny_sd_path, instance_dir, tmp_path
+):
+    """Two launches into one --output_dir: the first trains, the second stops with the error and leaves every file
+    as it was (even with --overwrite_output_dir). SIGKILL frees the folder: the next run takes it and resumes."""
+    out, log = tmp_path / "out", tmp_path / "first.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    script = str(REPO_ROOT / "train_palp.py")
+    common = ("--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--num_validation_images", "0")
+    with open(log, "w") as stream:
+        first = subprocess.Popen(
+            [sys.executable, script, *base_args(tiny_sd_path, instance_dir, out, *common, "--max_train_steps", "100000")],
+            stdout=stream, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        lock = out / tp.LOCK_NAME
+        held = f"{first.pid}\n"
+        _wait_for(lambda: lock.is_file() and lock.read_text() == held and tp.list_checkpoints(out), first, log)
+        os.kill(first.pid, signal.SIGSTOP)  # frozen, so that any change to the folder is the second launch's
+        before = folder_snapshot(out)
+        second = subprocess.run(
+            [sys.executable, script, *base_args(tiny_sd_path, instance_dir, out, *common, "--overwrite_output_dir")],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert second.returncode == 1
+        error = second.stderr.strip().splitlines()[-1]
+        assert error == (
+            f"error: --output_dir {str(out)!r} is in use by another training run (process {first.pid}): wait for it "
+            "to end or stop it, or choose another --output_dir. Once it has stopped, --resume_from_checkpoint "
+            "latest continues it."
+        )
+        assert folder_snapshot(out) == before
+    finally:
+        first.kill()  # SIGKILL: no handler runs, the checkpoints stay as they were
+        first.wait()
+    step = tp.checkpoint_step(tp.list_checkpoints(out)[-1])
+    run = train(tiny_sd_path, instance_dir, out, *common, "--max_train_steps", str(step + 1),
+                "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert run.global_step == step + 1 and (out / "pytorch_lora_weights.safetensors").is_file()
+    assert lock.read_text() == f"{os.getpid()}\n"
+
+
+def test_the_output_dir_lock_is_released_on_any_exit_and_taken_by_the_main_process_only(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with tp.output_dir_lock(tmp_path / "out", is_main_process=True):
+            with pytest.raises(tp.UserInputError, match="--output_dir .* is in use by another training run"):
+                with tp.output_dir_lock(tmp_path / "out", is_main_process=True):
+                    pass
+            raise RuntimeError("boom")
+    with tp.output_dir_lock(tmp_path / "out", is_main_process=True):  # free again after the error
+        with tp.output_dir_lock(tmp_path / "out", is_main_process=False):  # other ranks neither wait nor write
+            pass
+    with tp.output_dir_lock(tmp_path / "other", is_main_process=False):
+        assert not (tmp_path / "other").exists()
+
+
 # ------------------------------------------------------------------------------------------------ two processes
 
 
@@ -268,7 +337,8 @@ def test_scripts_never_unpickle_or_run_remote_code(script):
 def test_everything_written_is_safetensors_json_or_images(tiny_sd_path, instance_dir, tmp_path):
     out = tmp_path / "out"
     train(tiny_sd_path, instance_dir, out, "--checkpointing_steps", "2", "--report_to", "none")
-    suffixes = {p.suffix for p in out.rglob("*") if p.is_file()}
+    assert (out / tp.LOCK_NAME).is_file()  # the run's lock, not an output
+    suffixes = {p.suffix for p in out.rglob("*") if p.is_file() and p.name != tp.LOCK_NAME}
     assert suffixes <= {".safetensors", ".json", ".md", ".png"}, suffixes
     for path in out.rglob("*.safetensors"):
         load_file(path)  # every file loads without pickle

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 import train_palp_multi_subject as tpm
-from conftest import REPO_ROOT, build_tiny_clip_tokenizer, write_instance_images
+from conftest import REPO_ROOT, build_tiny_clip_tokenizer, folder_snapshot, write_instance_images
 
 CAT, ART = "<my-cat>", "<wanderer>"
 CAT_PROMPT, ART_PROMPT = f"A photo of {CAT}", f"An oil painting of {ART}"
@@ -377,23 +377,67 @@ def test_art_inspiration_example_runs_with_accelerate_launch(tiny_sd_path, tmp_p
         assert (out / name).is_file(), name
 
 
-def test_two_subject_run_resumes_to_the_uninterrupted_result(tiny_sd_path, tmp_path, subject_dirs):
-    flags = ["--num_validation_images", "0", "--checkpointing_steps", "2", "--lora_dropout", "0.2"]
+OUTPUTS = (
+    "pytorch_lora_weights.safetensors",
+    "learned_embeds_my-cat.safetensors",
+    "learned_embeds_wanderer.safetensors",
+)
+
+
+def check_resume_is_bit_exact(tiny_sd_path, tmp_path, subject_dirs, flags, compared=OUTPUTS):
+    """Train 4 steps; train 2 steps into another folder and resume it from checkpoint-2: every file of ``compared``
+    must be bit-identical in both. Returns the uninterrupted run and the resumed folder."""
+    from conftest import reset_accelerate_state
+
+    def main(output_dir, *extra):
+        reset_accelerate_state()
+        return tpm.main(tpm.parse_args(subject_flags(*subject_dirs) + common_flags(tiny_sd_path, output_dir)
+                                       + ["--checkpointing_steps", "2", *flags, *extra]))  # fmt: skip
+
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    tpm.main(tpm.parse_args(subject_flags(*subject_dirs) + common_flags(tiny_sd_path, full) + flags))
-    from conftest import reset_accelerate_state as reset
-    reset()
-    tpm.main(tpm.parse_args(subject_flags(*subject_dirs) + common_flags(tiny_sd_path, resumed) + flags
-                            + ["--max_train_steps", "2"]))  # fmt: skip
+    run = main(full)
+    main(resumed, "--max_train_steps", "2")
     (resumed / "pytorch_lora_weights.safetensors").unlink()
-    reset()
-    run = tpm.main(tpm.parse_args(subject_flags(*subject_dirs) + common_flags(tiny_sd_path, resumed) + flags
-                                  + ["--resume_from_checkpoint", "checkpoint-2"]))  # fmt: skip
-    assert run.global_step == 4
-    for name in ("pytorch_lora_weights.safetensors", "learned_embeds_my-cat.safetensors",
-                 "learned_embeds_wanderer.safetensors"):  # fmt: skip
+    assert main(resumed, "--resume_from_checkpoint", "latest").global_step == 4
+    for name in compared:
         a, b = load_file(full / name), load_file(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    return run, resumed
+
+
+def test_two_subject_run_resumes_to_the_uninterrupted_result(tiny_sd_path, tmp_path, subject_dirs):
+    check_resume_is_bit_exact(tiny_sd_path, tmp_path, subject_dirs, ["--num_validation_images", "0",
+                                                                     "--lora_dropout", "0.2"])  # fmt: skip
+
+
+def test_two_subject_8bit_adam_run_resumes_bit_exact(tiny_sd_path, tmp_path, subject_dirs):
+    """bitsandbytes' AdamW8bit (CPU backend) with 8-bit state on the rank-128 LoRA matrices: a resumed run ends with
+    the uninterrupted run's LoRA, both token rows and optimizer state, bit for bit."""
+    import bitsandbytes as bnb
+
+    flags = ["--num_validation_images", "0", "--use_8bit_adam", "--rank", "128"]
+    compared = (*OUTPUTS, "checkpoint-4/optimizer.safetensors")
+    run, resumed = check_resume_is_bit_exact(tiny_sd_path, tmp_path, subject_dirs, flags, compared)
+    assert isinstance(run.optimizer.optimizer, bnb.optim.AdamW8bit)
+    state = load_file(resumed / "checkpoint-2" / "optimizer.safetensors")
+    assert any(value.dtype == torch.uint8 for value in state.values()) and any(".absmax1" in name for name in state)
+
+
+def test_a_run_into_an_output_dir_held_by_another_stops_and_touches_nothing(tiny_sd_path, tmp_path, subject_dirs):
+    """While another run holds --output_dir, a launch stops before loading anything, and --overwrite_output_dir does
+    not make it delete the other run's checkpoints; once the folder is free, a run takes it."""
+    out = tmp_path / "out"
+    argv = subject_flags(*subject_dirs) + common_flags(tiny_sd_path, out) + ["--num_validation_images", "0"]
+    with tpm.output_dir_lock(out, is_main_process=True):  # another run's hold (flock conflicts within a process too)
+        (out / "checkpoint-2").mkdir()
+        (out / "checkpoint-2" / "training_state.json").write_text("{}")
+        before = folder_snapshot(out)
+        with pytest.raises(SystemExit, match=r"--output_dir .* is in use by another training run \(process \d+\)"):
+            tpm.cli([*argv, "--overwrite_output_dir", "--checkpoints_total_limit", "1", "--checkpointing_steps", "1"])
+        assert folder_snapshot(out) == before
+    shutil.rmtree(out / "checkpoint-2")
+    assert tpm.main(tpm.parse_args([*argv, "--max_train_steps", "1"])).global_step == 1
+    assert (out / tpm.LOCK_NAME).read_text() == f"{os.getpid()}\n"
 
 
 def test_two_subject_upload(tiny_sd_path, tmp_path, subject_dirs, monkeypatch):

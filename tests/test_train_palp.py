@@ -319,6 +319,7 @@ def test_push_to_hub_uploads_outputs_without_checkpoints_logs_or_local_paths(
         "samples/final_0.png",
     } <= uploaded
     assert not any(f.startswith(("checkpoint-", "runs/")) or "optimizer" in f or "tfevents" in f for f in uploaded)
+    assert (out / tp.LOCK_NAME).is_file() and tp.LOCK_NAME not in uploaded
     metadata, config = check_uploaded_card_and_config(calls["files"], [tiny_sd_path, instance_dir, tmp_path])
     assert "base_model" not in metadata  # a local folder that records no Hub id
     assert config["pretrained_model_name_or_path"] == Path(tiny_sd_path).name
@@ -464,6 +465,36 @@ def test_lora_dropout_run_resumes_bit_exact(tiny_sd_path, instance_dir, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_8bit_adam_checkpoints_its_quantized_state_and_resumes_bit_exact(tiny_sd_path, instance_dir, tmp_path):
+    """--use_8bit_adam runs bitsandbytes' AdamW8bit (its CPU backend here). At rank 128 the tiny UNet's 32-wide LoRA
+    matrices have 4096 elements, enough for 8-bit state; the 16-wide ones and the token row keep 32-bit state. A
+    checkpoint holds both kinds (uint8 moments with their quantization maps and absmax blocks), and a run resumed from
+    it ends with the weights and the optimizer state of the uninterrupted run, bit for bit."""
+    import bitsandbytes as bnb
+
+    common = ("--use_8bit_adam", "--rank", "128", "--checkpointing_steps", "2", "--num_validation_images", "0")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run = train(tiny_sd_path, instance_dir, full, *common)
+    assert isinstance(run.optimizer.optimizer, bnb.optim.AdamW8bit)
+    train(tiny_sd_path, instance_dir, resumed, *common, "--max_train_steps", "2")
+    state = load_file(resumed / "checkpoint-2" / "optimizer.safetensors")
+    eight_bit = {name.split(".")[0] for name, value in state.items() if value.dtype == torch.uint8}
+    thirty_two_bit = {name.split(".")[0] for name, value in state.items() if name.endswith(".state1")} - eight_bit
+    assert eight_bit and thirty_two_bit
+    for param_id in eight_bit:
+        quant = {name.rsplit(".", 1)[1]: value for name, value in state.items() if name.startswith(f"{param_id}.")}
+        assert {"state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2"} <= quant.keys()
+        assert quant["qmap1"].shape == (256,) and quant["absmax1"].abs().max() > 0  # a real map, a real moment
+    saved_step2 = load_file(resumed / "checkpoint-2" / "learned_embeds.safetensors")[TOKEN]
+    (resumed / "pytorch_lora_weights.safetensors").unlink()
+    train(tiny_sd_path, instance_dir, resumed, *common, "--resume_from_checkpoint", "checkpoint-2")
+    compared = ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "checkpoint-4/optimizer.safetensors")
+    for name in compared:
+        a, b = load_file(full / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not torch.equal(load_file(resumed / "learned_embeds.safetensors")[TOKEN], saved_step2)
+
+
 def test_gradient_checkpointing_reaches_the_text_encoder(tiny_sd_path, instance_dir, tmp_path, monkeypatch):
     """transformers checkpoints a layer only in training mode: with the flag, the first encoder layer runs again in
     the backward pass (recomputation), once per step on top of its forward."""
@@ -486,37 +517,66 @@ def test_gradient_checkpointing_reaches_the_text_encoder(tiny_sd_path, instance_
     assert run.base_unet.is_gradient_checkpointing
 
 
-def test_dataset_name_reads_the_image_column(tiny_sd_path, tmp_path, monkeypatch):
-    """--dataset_name goes through `datasets.load_dataset` (a local imagefolder here, served by a stand-in module
-    with the same call), checks the column, and trains on its images."""
-    import importlib.machinery
-    import types
+def dataset_argv(model, dataset, output_dir, *extra):
+    """base_args with --dataset_name in place of --instance_data_dir; one step, no validation."""
+    argv = base_args(model, "unused", output_dir, "--max_train_steps", "1", "--num_validation_images", "0", *extra)
+    return argv[:2] + ["--dataset_name", str(dataset)] + argv[4:]
 
+
+def pixels(images):
+    import numpy as np
+
+    return [np.asarray(image) for image in images]
+
+
+def test_dataset_name_reads_a_local_image_folder(tiny_sd_path, tmp_path):
+    """A local folder of images is what `datasets.load_dataset` reads as an `imagefolder` dataset: its `image` column
+    holds the photos, pixel for pixel, and a run trains on them."""
     from PIL import Image
 
     folder = write_instance_images(tmp_path / "imagefolder", n=2)
-    seen = {}
+    cache = str(tmp_path / "cache")
+    photos = [Image.open(path) for path in sorted(folder.glob("*.png"))]
+    loaded = tp.load_dataset_images(str(folder), None, "image", cache)
+    assert len(loaded) == 2 and all((a == b).all() for a, b in zip(pixels(loaded), pixels(photos)))
+    run = tp.main(tp.parse_args(dataset_argv(tiny_sd_path, folder, tmp_path / "out", "--cache_dir", cache)))
+    assert run.global_step == 1 and (tmp_path / "out" / "learned_embeds.safetensors").is_file()
+    with pytest.raises(tp.UserInputError, match=r"--image_column 'pixels' is not a column .*\['image'\]"):
+        tp.load_dataset_images(str(folder), None, "pixels", cache)
+    with pytest.raises(tp.UserInputError, match="--dataset_name .* was not found"):
+        tp.load_dataset_images(str(tmp_path / "nope"), None, "image", cache)
 
-    class Dataset:
-        column_names = ["image", "label"]
 
-        def __getitem__(self, column):
-            return [Image.open(p) for p in sorted(folder.glob("*.png"))] if column == "image" else [0, 0]
+def test_dataset_name_reads_a_folder_written_by_save_to_disk(tiny_sd_path, tmp_path):
+    """A Dataset saved with `save_to_disk` (here with a `picture` column) is read with `datasets.load_from_disk`; a
+    DatasetDict gives its train split; a run trains on it."""
+    import datasets
+    from PIL import Image
 
-    def load_dataset(name, config_name=None, cache_dir=None, split=None):
-        seen["call"] = (name, config_name, split)
-        return Dataset()
+    def photos(seed):
+        folder = write_instance_images(tmp_path / f"photos-{seed}", n=2, seed=seed)
+        return [Image.open(path) for path in sorted(folder.glob("*.png"))]
 
-    module = types.ModuleType("datasets")
-    module.load_dataset = load_dataset
-    module.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
-    monkeypatch.setitem(sys.modules, "datasets", module)
-    argv = base_args(tiny_sd_path, "unused", tmp_path / "out", "--max_train_steps", "1", "--num_validation_images", "0")
-    argv = argv[:2] + ["--dataset_name", str(folder)] + argv[4:]
-    run = tp.main(tp.parse_args(argv))
-    assert seen["call"] == (str(folder), None, "train") and run.global_step == 1
-    with pytest.raises(SystemExit, match="--image_column 'pixels'"):
-        tp.cli([*argv, "--image_column", "pixels", "--overwrite_output_dir"])
+    features = datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string")})
+
+    def dataset(images):
+        return datasets.Dataset.from_dict({"picture": images, "caption": ["a cat"] * len(images)}, features=features)
+
+    train_photos, test_photos = photos(0), photos(1)
+    dataset(train_photos).save_to_disk(tmp_path / "saved")
+    both_splits = datasets.DatasetDict({"test": dataset(test_photos), "train": dataset(train_photos)})
+    both_splits.save_to_disk(tmp_path / "dict")
+    datasets.DatasetDict({"test": dataset(test_photos)}).save_to_disk(tmp_path / "no-train")
+    for name in ("saved", "dict"):
+        loaded = tp.load_dataset_images(str(tmp_path / name), None, "picture", None)
+        assert len(loaded) == 2 and all((a == b).all() for a, b in zip(pixels(loaded), pixels(train_photos))), name
+    with pytest.raises(tp.UserInputError, match=r"has no 'train' split: \['test'\]"):
+        tp.load_dataset_images(str(tmp_path / "no-train"), None, "picture", None)
+    with pytest.raises(tp.UserInputError, match="--dataset_config_name does not apply"):
+        tp.load_dataset_images(str(tmp_path / "saved"), "default", "picture", None)
+    run = tp.main(tp.parse_args(dataset_argv(tiny_sd_path, tmp_path / "saved", tmp_path / "out", "--image_column",
+                                             "picture")))  # fmt: skip
+    assert run.global_step == 1 and (tmp_path / "out" / "learned_embeds.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -596,6 +656,22 @@ def test_error_xformers_missing(tiny_sd_path, instance_dir, tmp_path, monkeypatc
     monkeypatch.setattr(import_utils, "is_xformers_available", lambda: False)
     message = _error(tiny_sd_path, instance_dir, tmp_path, "--enable_xformers_memory_efficient_attention")
     assert "--enable_xformers_memory_efficient_attention" in message and "pip install xformers" in message
+
+
+@pytest.mark.parametrize(
+    "package, flags",
+    [("bitsandbytes", ["--use_8bit_adam"]), ("datasets", ["--dataset_name", "imagefolder"])],
+)
+def test_error_optional_package_missing(tiny_sd_path, instance_dir, tmp_path, monkeypatch, package, flags):
+    """The optional packages are needed only by their flag; without them the run stops before anything is loaded."""
+    monkeypatch.setitem(sys.modules, package, None)  # what an uninstalled package looks like to the import system
+    argv = base_args(tiny_sd_path, instance_dir, tmp_path / "out", *flags)
+    if package == "datasets":
+        argv = argv[:2] + argv[4:]  # --dataset_name replaces --instance_data_dir
+    with pytest.raises(SystemExit) as info:
+        tp.cli(argv)
+    assert f"{flags[0]} needs the '{package}' package: `pip install {package}`" in str(info.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_error_clean_prompt_with_token(tiny_sd_path, instance_dir, tmp_path):
