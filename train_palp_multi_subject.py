@@ -206,14 +206,19 @@ def parse_args(input_args=None):
         "README, 'Balancing the two terms').",
     )
 
-    add_training_arguments(parser, guidance_scale_pretrained=7.5, guidance_scale_personalized=1.0)
+    add_training_arguments(
+        parser,
+        guidance_scale_pretrained=7.5,
+        guidance_scale_personalized=1.0,
+        alignment_normalization="none",
+    )
     args = parser.parse_args(input_args)
     validate_args(args)
     return args
 
 
 # Copied from train_palp.add_training_arguments
-def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_personalized):
+def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_personalized, alignment_normalization):
     """Every flag that is not about the subjects: model, PALP, LoRA, images, optimisation, checkpoints, validation,
     logging and Hub. Flag names follow diffusers' DreamBooth-LoRA script where the concept is the same."""
     # Model.
@@ -333,12 +338,12 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
     palp.add_argument(
         "--alignment_normalization",
         type=str,
-        default="personalization",
+        default=alignment_normalization,
         choices=["none", "personalization"],
-        help="'personalization' (ours): rescale D per sample to the RMS of the personalization gradient 2(ε̂ − ε), so "
-        "λ is the ratio of the two terms' pushes on ε̂, whatever the guidance scales and the model; unnormalised, the "
-        "alignment push outweighs the personalization's several times over and the subject is lost. 'none': D as "
-        "the paper uses it.",
+        help="'personalization' (ours; the one-subject default): rescale D per sample to the RMS of the "
+        "personalization gradient 2(ε̂ − ε), so λ is the ratio of the two terms' pushes on ε̂ at each step; it fades "
+        "as the model learns its photos (the residual shrinks). 'none': D as the paper uses it (the multi-subject "
+        "default: the normalisation was never measured on composition).",
     )
     palp.add_argument(
         "--alignment_projection",

@@ -178,6 +178,7 @@ def test_defaults_and_both_ways_of_giving_subjects_agree(tmp_path, subject_dirs)
     cat, art = subject_dirs
     flags = tpm.parse_args([*subject_flags(cat, art), *common_flags("model", tmp_path / "out")])
     assert flags.guidance_scale_pretrained == 7.5 and flags.guidance_scale_personalized == 1.0
+    assert flags.alignment_normalization == "none"  # the paper's D: the normalisation was not measured on composition
     assert flags.subject_sampling == "balanced"
 
     config = tmp_path / "art" / "subjects.json"  # relative folders are read from the file's own folder
