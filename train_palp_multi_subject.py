@@ -1917,13 +1917,13 @@ def generate_images(
     device,
     autocast,
 ):
-    """Sample with a pipeline around the training modules themselves (no copy, no dtype cast of shared weights)."""
+    """Sample with a pipeline around the training modules themselves (no copy, no dtype cast of shared weights):
+    denoise under the training's ``autocast``, decode outside it (:func:`decode_latents`)."""
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=device).manual_seed(seed)
-    images = []
-    with torch.no_grad(), autocast:
-        for _ in range(num_images):
-            images.append(
+    with torch.no_grad():
+        with autocast:
+            latents = [
                 pipeline(
                     prompt,
                     num_inference_steps=num_inference_steps,
@@ -1931,9 +1931,22 @@ def generate_images(
                     height=resolution,
                     width=resolution,
                     generator=generator,
-                ).images[0]
-            )
-    return images
+                    output_type="latent",
+                ).images
+                for _ in range(num_images)
+            ]
+        decoded = [decode_latents(pipeline.vae, x) for x in latents]
+    return [image for x in decoded for image in pipeline.image_processor.postprocess(x)]
+
+
+# Copied from train_palp.decode_latents
+def decode_latents(vae, latents):
+    """The pipeline's last step, outside autocast and in the VAE's own dtype: under fp16 autocast even an fp32 VAE
+    convolves in fp16, and the SDXL VAE overflows there (black or NaN images). A VAE whose config says
+    ``force_upcast`` is already in fp32 here (``prepare_models``), the dtype SDXL's pipeline decodes it in.
+    Returns images in [-1, 1]."""
+    with torch.autocast(latents.device.type, enabled=False):
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
 
 
 # Copied from train_palp.log_validation
