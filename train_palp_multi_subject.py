@@ -1604,6 +1604,7 @@ def load_text_conditioner(args):
             "personalized: give the base model (e.g. 'stabilityai/stable-diffusion-xl-base-1.0')."
         )
     check_model_folder(path, family.tokenizer_folders + family.encoder_folders)
+    check_ddpm_model(args, model_index)
     try:
         tokenizers = [
             CLIPTokenizer.from_pretrained(path, subfolder=folder, revision=args.revision, cache_dir=args.cache_dir)
@@ -1615,6 +1616,44 @@ def load_text_conditioner(args):
             "your network and `hf auth login`, or give a local folder."
         ) from error
     return family(tokenizers, model_index)
+
+
+# Copied from train_palp.check_ddpm_model
+def check_ddpm_model(args, model_index):
+    """PALP's mathematics here is DDPM ε/v-prediction on the model's ᾱ_t schedule, with latents scaled by the VAE's
+    ``scaling_factor`` alone. An EDM-style model (Playground v2.5: an EDM scheduler and a VAE whose config normalises
+    latents with ``latents_mean`` / ``latents_std``) would train silently with DDPM betas and unnormalised latents:
+    it fails here, from its configs alone, naming what was found."""
+    path, vae_path = args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path
+    common = dict(revision=args.revision, cache_dir=args.cache_dir)
+    scheduler = read_config(DDPMScheduler, "--pretrained_model_name_or_path", path, subfolder="scheduler", **common)
+    schedulers = {(model_index.get("scheduler") or [None])[-1], scheduler.get("_class_name")}
+    found = [f"scheduler {name}" for name in sorted(filter(None, schedulers)) if "EDM" in name]
+    if vae_path:
+        vae = read_config(AutoencoderKL, "--pretrained_vae_model_name_or_path", vae_path, cache_dir=args.cache_dir)
+    else:
+        vae = read_config(AutoencoderKL, "--pretrained_model_name_or_path", path, subfolder="vae", **common)
+    statistics = [key for key in ("latents_mean", "latents_std") if vae.get(key) is not None]
+    if statistics:
+        where = f"--pretrained_vae_model_name_or_path {vae_path!r}" if vae_path else "its VAE"
+        found.append(f"{' and '.join(statistics)} in the config of {where}")
+    if found:
+        raise UserInputError(
+            f"--pretrained_model_name_or_path {path!r}: an EDM-style model ({'; '.join(found)}), as Playground v2.5 "
+            "is. PALP's mathematics here is DDPM ε/v-prediction on the model's ᾱ_t schedule with latents scaled by "
+            "the VAE's scaling_factor alone, so it would train this model with the wrong noise schedule and "
+            "unnormalised latents: give a DDPM-trained base model (SD 1.x/2.x or SDXL) and a VAE without latents "
+            "statistics."
+        )
+
+
+# Copied from train_palp.read_config
+def read_config(model_class, flag, path, subfolder=None, **kwargs):
+    """One component's config, without its weights; a missing or broken one fails naming the flag."""
+    try:
+        return model_class.load_config(path, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"{flag} {path!r}: could not read its {subfolder or 'VAE'} config ({error}).") from error
 
 
 # Copied from train_palp.load_models
