@@ -417,7 +417,12 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         default=None,
         help="Also validate every N optimizer steps (default: only at the end).",
     )
-    parser.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation.")
+    parser.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=None,
+        help="CFG scale of validation. Default: the model family's pipeline default (7.5 for SD 1.x/2.x, 5.0 for SDXL).",
+    )
     parser.add_argument("--validation_num_inference_steps", type=int, default=25, help="Sampling steps of validation.")
 
     # Logging and Hub.
@@ -1030,6 +1035,8 @@ class TextConditioner:
     encoder_classes = (CLIPTextModel,)
     embedding_keys = None  # None: the file's key is the token itself
     load_imports = ""  # what the model card's snippet imports besides diffusers
+    guidance_scale = 7.5  # the pipeline's default, validation's unless --validation_guidance_scale says otherwise
+    card_tags = ("stable-diffusion",)
 
     def __init__(self, tokenizers, model_index=None):
         self.tokenizers = list(tokenizers)
@@ -1129,6 +1136,8 @@ class SDXLTextConditioner(TextConditioner):
     encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
     embedding_keys = ("clip_l", "clip_g")
     load_imports = "from huggingface_hub import hf_hub_download\nfrom safetensors.torch import load_file\n"
+    guidance_scale = 5.0
+    card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers", "template:sd-lora")
 
     @property
     def zero_uncond(self):
@@ -1435,6 +1444,13 @@ def add_lora(unet, rank, alpha, dropout):
 def resolved_lora_alpha(args):
     """--lora_alpha, or --rank when it is left out; 0 is kept (it switches the LoRA's effect off)."""
     return args.rank if args.lora_alpha is None else args.lora_alpha
+
+
+def resolved_validation_guidance_scale(args, conditioner):
+    """--validation_guidance_scale, or the model family's pipeline default."""
+    if args.validation_guidance_scale is not None:
+        return args.validation_guidance_scale
+    return conditioner.guidance_scale
 
 
 def weight_dtype_for(mixed_precision):
@@ -1758,18 +1774,29 @@ def hub_base_model(name_or_path):
     return None
 
 
-def card_metadata(base_model, instance_prompt):
-    """The model card's YAML header, written by huggingface_hub's own card classes so the Hub accepts it."""
+def card_metadata(base_model, instance_prompt, family_tags):
+    """The model card's YAML header, written by huggingface_hub's own card classes so the Hub accepts it;
+    ``family_tags`` are the model family's (``TextConditioner.card_tags``), as diffusers' DreamBooth-LoRA scripts
+    tag their cards."""
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(
         base_model=base_model,
         library_name="diffusers",
         license="other",
-        tags=["text-to-image", "diffusers", "lora", "textual-inversion", "palp", "stable-diffusion"],
+        tags=["text-to-image", "diffusers", "lora", "textual-inversion", "palp", *family_tags],
         instance_prompt=instance_prompt,
     )
     return f"---\n{data.to_yaml()}\n---"
+
+
+def card_vae(config, base):
+    """The VAE that encoded the training photos, as the card names it: --pretrained_vae_model_name_or_path (its Hub
+    id, or a local folder's name) or the base model's own."""
+    vae = config.get("pretrained_vae_model_name_or_path")
+    if not vae:
+        return f"the base model's (`{base}`)"
+    return f"`{hub_base_model(vae) or Path(vae).name}` (`--pretrained_vae_model_name_or_path`)"
 
 
 def webui_usage(target_prompt, tokens, single):
@@ -1851,7 +1878,7 @@ def model_card(config, image_paths, output_dir, conditioner):
     )
     hub_id = hub_base_model(config["pretrained_model_name_or_path"])
     base = hub_id or Path(config["pretrained_model_name_or_path"]).name  # a local path stays off the card
-    metadata = card_metadata(hub_id, config["personalization_prompt_resolved"])
+    metadata = card_metadata(hub_id, config["personalization_prompt_resolved"], conditioner.card_tags)
     return f"""{metadata}
 
 # PALP personalization: `{token}` ({config["class_name"]})
@@ -1864,6 +1891,7 @@ LoRA + textual-inversion embedding trained with PALP (Prompt Aligned Personaliza
 - Personalization prompt (y_P): `{config["personalization_prompt_resolved"]}`
 - Placeholder token: `{token}`, class `{config["class_name"]}`
 - Base model: `{base}`
+- VAE used in training: {card_vae(config, base)}
 
 ## Use it with diffusers
 
@@ -1885,7 +1913,7 @@ image = pipe("{config["target_prompt"]}").images[0]
 |---|---|
 {settings}
 
-## Samples (`{config["validation_prompt_resolved"]}`)
+## Samples (`{config["validation_prompt_resolved"]}`, guidance scale {config["validation_guidance_scale"]})
 
 {images}
 """
@@ -2247,7 +2275,7 @@ def validate(run, name):
         run.validation_prompt,
         args.num_validation_images,
         run.resolution,
-        args.validation_guidance_scale,
+        resolved_validation_guidance_scale(args, run.conditioner),
         args.validation_num_inference_steps,
         run.seed,
         run.accelerator.device,
@@ -2377,6 +2405,7 @@ def main(args):
         personalization_prompt_resolved=personalization_prompt,
         validation_prompt_resolved=args.validation_prompt or args.target_prompt,
         lora_alpha=resolved_lora_alpha(args),
+        validation_guidance_scale=resolved_validation_guidance_scale(args, conditioner),
         pipeline_class=conditioner.pipeline_class.__name__,
     )
 

@@ -347,6 +347,9 @@ def test_multi_subject_script_on_sdxl_writes_one_loadable_file_per_token(tiny_sd
     assert isinstance(run.conditioner, tpm.SDXLTextConditioner)
     card = (out / "README.md").read_text()
     assert "StableDiffusionXLPipeline.from_pretrained" in card
+    assert "- VAE used in training: the base model's" in card and "- stable-diffusion-xl-diffusers" in card
+    assert "guidance scale 5.0)" in card and json.loads((out / "training_config.json").read_text())[
+        "validation_guidance_scale"] == 5.0  # fmt: skip
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
     for index, token in enumerate((CAT, ART)):
         name = tpm.embedding_file_name(token, single=False)

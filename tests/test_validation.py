@@ -2,6 +2,8 @@
 what the family's pipeline gives on its own."""
 
 import contextlib
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 import train_palp as tp
-from conftest import write_instance_images
+from conftest import reset_accelerate_state, write_instance_images
 from test_train_palp import TARGET, train
 
 
@@ -51,3 +53,60 @@ def test_validation_images_are_the_pipelines_own(family, request):
     for a, b in zip(ours, plain):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(ours[0]), np.asarray(ours[1]))
+
+
+@pytest.mark.parametrize(
+    "family,flags,guidance",
+    [
+        ("tiny_sd_path", [], 7.5),
+        ("tiny_sdxl_path", [], 5.0),
+        ("tiny_sdxl_path", ["--validation_guidance_scale", "3.5"], 3.5),
+    ],
+    ids=["sd default", "sdxl default", "sdxl flag"],
+)
+def test_validation_guidance_follows_the_familys_pipeline_unless_set(family, flags, guidance, request, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    """StableDiffusionPipeline samples at 7.5 by default, StableDiffusionXLPipeline at 5.0; the value used is the
+    one the config and the card record."""
+    used = []
+    original = tp.generate_images
+
+    def recording(pipeline, prompt, num_images, resolution, guidance_scale, *rest):
+        used.append(guidance_scale)
+        return original(pipeline, prompt, num_images, resolution, guidance_scale, *rest)
+
+    monkeypatch.setattr(tp, "generate_images", recording)
+    out = tmp_path / "out"
+    train(request.getfixturevalue(family), str(write_instance_images(tmp_path / "i")), out, "--max_train_steps", "1",
+          *flags)  # fmt: skip
+    assert used == [guidance]
+    assert json.loads((out / "training_config.json").read_text())["validation_guidance_scale"] == guidance
+    assert f"## Samples (`{TARGET}`, guidance scale {guidance})" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["tiny_sd_path", "tiny_sdxl_path"])
+def test_card_names_the_training_vae_and_carries_the_familys_tags(family, request, tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = request.getfixturevalue(family)
+    instance = str(write_instance_images(tmp_path / "i"))
+    own = tmp_path / "own"
+    train(model, instance, own, "--max_train_steps", "1", "--num_validation_images", "0")
+    card = ModelCard((own / "README.md").read_text())
+    sdxl_tags = {"stable-diffusion-xl", "stable-diffusion-xl-diffusers", "template:sd-lora"}
+    if family == "tiny_sdxl_path":
+        assert sdxl_tags <= set(card.data.tags) and "stable-diffusion" not in card.data.tags
+    else:
+        assert "stable-diffusion" in card.data.tags and not sdxl_tags & set(card.data.tags)
+    assert {"text-to-image", "diffusers", "lora", "textual-inversion", "palp"} <= set(card.data.tags)
+    assert f"- VAE used in training: the base model's (`{Path(model).name}`)" in card.text
+
+    vae = tmp_path / "sdxl-vae-fp16-fix"
+    AutoencoderKL.from_pretrained(model, subfolder="vae").save_pretrained(vae)
+    reset_accelerate_state()
+    other = tmp_path / "other"
+    train(model, instance, other, "--max_train_steps", "1", "--num_validation_images", "0",
+          "--pretrained_vae_model_name_or_path", str(vae))  # fmt: skip
+    text = (other / "README.md").read_text()
+    assert "- VAE used in training: `sdxl-vae-fp16-fix` (`--pretrained_vae_model_name_or_path`)" in text
+    assert str(tmp_path) not in text
