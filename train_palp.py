@@ -421,7 +421,8 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "--validation_guidance_scale",
         type=float,
         default=None,
-        help="CFG scale of validation. Default: the model family's pipeline default (7.5 for SD 1.x/2.x, 5.0 for SDXL).",
+        help="CFG scale of validation. Default: the model family's pipeline default (7.5 for SD 1.x/2.x, 5.0 for "
+        "SDXL).",
     )
     parser.add_argument("--validation_num_inference_steps", type=int, default=25, help="Sampling steps of validation.")
 

@@ -283,7 +283,7 @@ def _edm_vae(model, tmp_path):
 @pytest.mark.parametrize(
     "change,found",
     [
-        (_edm_model, "scheduler EDMDPMSolverMultistepScheduler; latents_mean and latents_std in the config of its VAE"),
+        (_edm_model, "scheduler EDMDPMSolverMultistepScheduler; latents_mean and latents_std in the config of its"),
         (_edm_scheduler_only, "scheduler EDMEulerScheduler)"),
         (_edm_vae, "latents_mean and latents_std in the config of --pretrained_vae_model_name_or_path '"),
     ],
