@@ -494,7 +494,13 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         default=None,
         help="Also validate every N optimizer steps (default: only at the end).",
     )
-    parser.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation.")
+    parser.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=None,
+        help="CFG scale of validation. Default: the model family's pipeline default (7.5 for SD 1.x/2.x, 5.0 for "
+        "SDXL).",
+    )
     parser.add_argument("--validation_num_inference_steps", type=int, default=25, help="Sampling steps of validation.")
 
     # Logging and Hub.
@@ -1390,6 +1396,8 @@ class TextConditioner:
     encoder_classes = (CLIPTextModel,)
     embedding_keys = None  # None: the file's key is the token itself
     load_imports = ""  # what the model card's snippet imports besides diffusers
+    guidance_scale = 7.5  # the pipeline's default, validation's unless --validation_guidance_scale says otherwise
+    card_tags = ("stable-diffusion",)
 
     def __init__(self, tokenizers, model_index=None):
         self.tokenizers = list(tokenizers)
@@ -1490,6 +1498,8 @@ class SDXLTextConditioner(TextConditioner):
     encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
     embedding_keys = ("clip_l", "clip_g")
     load_imports = "from huggingface_hub import hf_hub_download\nfrom safetensors.torch import load_file\n"
+    guidance_scale = 5.0
+    card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers", "template:sd-lora")
 
     @property
     def zero_uncond(self):
@@ -1735,6 +1745,7 @@ def load_text_conditioner(args):
             "personalized: give the base model (e.g. 'stabilityai/stable-diffusion-xl-base-1.0')."
         )
     check_model_folder(path, family.tokenizer_folders + family.encoder_folders)
+    check_ddpm_model(args, model_index)
     try:
         tokenizers = [
             CLIPTokenizer.from_pretrained(path, subfolder=folder, revision=args.revision, cache_dir=args.cache_dir)
@@ -1746,6 +1757,44 @@ def load_text_conditioner(args):
             "your network and `hf auth login`, or give a local folder."
         ) from error
     return family(tokenizers, model_index)
+
+
+# Copied from train_palp.check_ddpm_model
+def check_ddpm_model(args, model_index):
+    """PALP's mathematics here is DDPM ε/v-prediction on the model's ᾱ_t schedule, with latents scaled by the VAE's
+    ``scaling_factor`` alone. An EDM-style model (Playground v2.5: an EDM scheduler and a VAE whose config normalises
+    latents with ``latents_mean`` / ``latents_std``) would train silently with DDPM betas and unnormalised latents:
+    it fails here, from its configs alone, naming what was found."""
+    path, vae_path = args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path
+    common = dict(revision=args.revision, cache_dir=args.cache_dir)
+    scheduler = read_config(DDPMScheduler, "--pretrained_model_name_or_path", path, subfolder="scheduler", **common)
+    schedulers = {(model_index.get("scheduler") or [None])[-1], scheduler.get("_class_name")}
+    found = [f"scheduler {name}" for name in sorted(filter(None, schedulers)) if "EDM" in name]
+    if vae_path:
+        vae = read_config(AutoencoderKL, "--pretrained_vae_model_name_or_path", vae_path, cache_dir=args.cache_dir)
+    else:
+        vae = read_config(AutoencoderKL, "--pretrained_model_name_or_path", path, subfolder="vae", **common)
+    statistics = [key for key in ("latents_mean", "latents_std") if vae.get(key) is not None]
+    if statistics:
+        where = f"--pretrained_vae_model_name_or_path {vae_path!r}" if vae_path else "its VAE"
+        found.append(f"{' and '.join(statistics)} in the config of {where}")
+    if found:
+        raise UserInputError(
+            f"--pretrained_model_name_or_path {path!r}: an EDM-style model ({'; '.join(found)}), as Playground v2.5 "
+            "is. PALP's mathematics here is DDPM ε/v-prediction on the model's ᾱ_t schedule with latents scaled by "
+            "the VAE's scaling_factor alone, so it would train this model with the wrong noise schedule and "
+            "unnormalised latents: give a DDPM-trained base model (SD 1.x/2.x or SDXL) and a VAE without latents "
+            "statistics."
+        )
+
+
+# Copied from train_palp.read_config
+def read_config(model_class, flag, path, subfolder=None, **kwargs):
+    """One component's config, without its weights; a missing or broken one fails naming the flag."""
+    try:
+        return model_class.load_config(path, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"{flag} {path!r}: could not read its {subfolder or 'VAE'} config ({error}).") from error
 
 
 # Copied from train_palp.load_models
@@ -1795,6 +1844,14 @@ def add_lora(unet, rank, alpha, dropout):
 def resolved_lora_alpha(args):
     """--lora_alpha, or --rank when it is left out; 0 is kept (it switches the LoRA's effect off)."""
     return args.rank if args.lora_alpha is None else args.lora_alpha
+
+
+# Copied from train_palp.resolved_validation_guidance_scale
+def resolved_validation_guidance_scale(args, conditioner):
+    """--validation_guidance_scale, or the model family's pipeline default."""
+    if args.validation_guidance_scale is not None:
+        return args.validation_guidance_scale
+    return conditioner.guidance_scale
 
 
 # Copied from train_palp.weight_dtype_for
@@ -2063,13 +2120,13 @@ def generate_images(
     device,
     autocast,
 ):
-    """Sample with a pipeline around the training modules themselves (no copy, no dtype cast of shared weights)."""
+    """Sample with a pipeline around the training modules themselves (no copy, no dtype cast of shared weights):
+    denoise under the training's ``autocast``, decode outside it (:func:`decode_latents`)."""
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=device).manual_seed(seed)
-    images = []
-    with torch.no_grad(), autocast:
-        for _ in range(num_images):
-            images.append(
+    with torch.no_grad():
+        with autocast:
+            latents = [
                 pipeline(
                     prompt,
                     num_inference_steps=num_inference_steps,
@@ -2077,9 +2134,22 @@ def generate_images(
                     height=resolution,
                     width=resolution,
                     generator=generator,
-                ).images[0]
-            )
-    return images
+                    output_type="latent",
+                ).images
+                for _ in range(num_images)
+            ]
+        decoded = [decode_latents(pipeline.vae, x) for x in latents]
+    return [image for x in decoded for image in pipeline.image_processor.postprocess(x)]
+
+
+# Copied from train_palp.decode_latents
+def decode_latents(vae, latents):
+    """The pipeline's last step, outside autocast and in the VAE's own dtype: under fp16 autocast even an fp32 VAE
+    convolves in fp16, and the SDXL VAE overflows there (black or NaN images). A VAE whose config says
+    ``force_upcast`` is already in fp32 here (``prepare_models``), the dtype SDXL's pipeline decodes it in.
+    Returns images in [-1, 1]."""
+    with torch.autocast(latents.device.type, enabled=False):
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
 
 
 # Copied from train_palp.log_validation
@@ -2159,7 +2229,7 @@ def model_card(config, image_paths, output_dir, conditioner):
     tokens = ", ".join(f"`{s['placeholder_token']}`" for s in subjects)
     hub_id = hub_base_model(config["pretrained_model_name_or_path"])
     base = hub_id or Path(config["pretrained_model_name_or_path"]).name  # a local path stays off the card
-    metadata = card_metadata(hub_id, config["target_prompt"])
+    metadata = card_metadata(hub_id, config["target_prompt"], conditioner.card_tags)
     return f"""{metadata}
 
 # PALP multi-subject personalization: {tokens}
@@ -2170,6 +2240,7 @@ Personalization, Arar et al., 2024) on `{base}` for one target prompt.
 - Target prompt: `{config["target_prompt"]}`
 - Clean prompt (pre-trained model's view, y_c): `{config["clean_prompt_resolved"]}`
 - Base model: `{base}`
+- VAE used in training: {card_vae(config, base)}
 
 | token | class | images | personalization prompt (y_P) | embedding file |
 |---|---|---|---|---|
@@ -2195,7 +2266,7 @@ image = pipe("{config["target_prompt"]}").images[0]
 |---|---|
 {settings}
 
-## Samples (`{config["validation_prompt_resolved"]}`)
+## Samples (`{config["validation_prompt_resolved"]}`, guidance scale {config["validation_guidance_scale"]})
 
 {images}
 """
@@ -2235,18 +2306,30 @@ def hub_base_model(name_or_path):
 
 
 # Copied from train_palp.card_metadata
-def card_metadata(base_model, instance_prompt):
-    """The model card's YAML header, written by huggingface_hub's own card classes so the Hub accepts it."""
+def card_metadata(base_model, instance_prompt, family_tags):
+    """The model card's YAML header, written by huggingface_hub's own card classes so the Hub accepts it;
+    ``family_tags`` are the model family's (``TextConditioner.card_tags``), as diffusers' DreamBooth-LoRA scripts
+    tag their cards."""
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(
         base_model=base_model,
         library_name="diffusers",
         license="other",
-        tags=["text-to-image", "diffusers", "lora", "textual-inversion", "palp", "stable-diffusion"],
+        tags=["text-to-image", "diffusers", "lora", "textual-inversion", "palp", *family_tags],
         instance_prompt=instance_prompt,
     )
     return f"---\n{data.to_yaml()}\n---"
+
+
+# Copied from train_palp.card_vae
+def card_vae(config, base):
+    """The VAE that encoded the training photos, as the card names it: --pretrained_vae_model_name_or_path (its Hub
+    id, or a local folder's name) or the base model's own."""
+    vae = config.get("pretrained_vae_model_name_or_path")
+    if not vae:
+        return f"the base model's (`{base}`)"
+    return f"`{hub_base_model(vae) or Path(vae).name}` (`--pretrained_vae_model_name_or_path`)"
 
 
 # Copied from train_palp.webui_usage
@@ -2718,7 +2801,7 @@ def validate(run, name):
         run.validation_prompt,
         args.num_validation_images,
         run.resolution,
-        args.validation_guidance_scale,
+        resolved_validation_guidance_scale(args, run.conditioner),
         args.validation_num_inference_steps,
         run.seed,
         run.accelerator.device,
@@ -2891,6 +2974,7 @@ def main(args):
             clean_prompt_resolved=args.clean_prompt,
             validation_prompt_resolved=args.validation_prompt or args.target_prompt,
             lora_alpha=resolved_lora_alpha(args),
+            validation_guidance_scale=resolved_validation_guidance_scale(args, conditioner),
             pipeline_class=conditioner.pipeline_class.__name__,
         )
 

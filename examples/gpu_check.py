@@ -18,7 +18,8 @@ encoder and a generated CLIP BPE tokenizer of the real vocabulary size), writes 
 3. bf16 (where the device supports it).
 
 After each run: every logged loss is finite, the LoRA and the token row are fp32 while the frozen weights are in the
-training dtype, the mid-run validation image exists, and the outputs load into a fresh ``StableDiffusionPipeline``
+training dtype, the mid-run validation image exists, every validation image decodes finite and not constant (the
+VAE decodes outside autocast), and the outputs load into a fresh ``StableDiffusionPipeline``
 (``load_lora_weights`` + ``load_textual_inversion``) and sample a finite image. Last, ``benchmark_palp.py`` measures
 the floor ratio (PALP step / (TI+DB step + the gradient-free passes alone)) and the memory ratio (PALP / TI+DB peak)
 at the same resolution in fp16. A summary is printed and every figure goes to ``--output_json``.
@@ -243,12 +244,31 @@ def recorded_losses():
         tp.training_step = original
 
 
+@contextmanager
+def recorded_validation_images():
+    """Every validation image as train_palp.decode_latents returns it: in [-1, 1] and in float, before the PNG's
+    quantisation turns a NaN into black."""
+    images = []
+    original = tp.decode_latents
+
+    def recording(vae, latents):
+        decoded = original(vae, latents)
+        images.extend(decoded.detach().float().cpu())
+        return decoded
+
+    tp.decode_latents = recording
+    try:
+        yield images
+    finally:
+        tp.decode_latents = original
+
+
 def train(argv):
     reset_accelerate_state()
     started = time.time()
-    with recorded_losses() as losses:
+    with recorded_losses() as losses, recorded_validation_images() as images:
         run = tp.main(tp.parse_args(argv))
-    return run, losses, time.time() - started
+    return run, losses, images, time.time() - started
 
 
 def check_run(run, losses, out, weight_dtype, validation_step):
@@ -261,6 +281,15 @@ def check_run(run, losses, out, weight_dtype, validation_step):
     assert all(p.dtype == weight_dtype and not p.requires_grad for p in frozen), "frozen weights in the wrong dtype"
     if validation_step is not None:
         assert (out / "samples" / f"step-{validation_step}_0.png").is_file(), "no mid-run validation image"
+
+
+def check_validation_images(images, expected):
+    """The validation images as decoded: as many as asked for, every one finite and not constant (an fp16 VAE
+    overflow gives NaN, which the saved PNG shows as a black square)."""
+    assert len(images) == expected, f"{len(images)} validation images decoded, expected {expected}"
+    for index, image in enumerate(images):
+        assert torch.isfinite(image).all(), f"validation image {index} is non-finite"
+        assert image.amax() > image.amin(), f"validation image {index} is constant ({image.amin().item()})"
 
 
 def check_outputs_load(model_dir, out, device, resolution):
@@ -330,9 +359,10 @@ def main(args):
     for index, mixed_precision in enumerate(precisions(args.device)):
         out = work / f"run-{mixed_precision}"
         shutil.rmtree(out, ignore_errors=True)
-        run, losses, seconds = train(argv(out, mixed_precision, "--validation_steps", str(half)))
+        run, losses, decoded, seconds = train(argv(out, mixed_precision, "--validation_steps", str(half)))
         weight_dtype = tp.weight_dtype_for(run.accelerator.mixed_precision)
         check_run(run, losses, out, weight_dtype, half)
+        check_validation_images(decoded, expected=2)  # half-way and final
         if args.device == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
@@ -344,8 +374,9 @@ def main(args):
         if index == 0:  # resume the first precision from its half-way checkpoint
             resumed = work / f"run-{mixed_precision}-resumed"
             shutil.rmtree(resumed, ignore_errors=True)
-            run, resumed_losses, _ = train(argv(resumed, mixed_precision, "--resume_from_checkpoint",
-                                                str(out / f"checkpoint-{half}")))  # fmt: skip
+            run, resumed_losses, decoded, _ = train(argv(resumed, mixed_precision, "--resume_from_checkpoint",
+                                                         str(out / f"checkpoint-{half}")))  # fmt: skip
+            check_validation_images(decoded, expected=1)
             assert run.global_step == args.max_train_steps and len(resumed_losses) == args.max_train_steps - half
             del run
             check_outputs_load(model_dir, resumed, args.device, args.resolution)

@@ -46,7 +46,7 @@ def _bytes_to_unicode():
     return [chr(c) for c in cs]
 
 
-def build_tiny_clip_tokenizer(words=TINY_WORDS, model_max_length=77):
+def build_tiny_clip_tokenizer(words=TINY_WORDS, model_max_length=77, pad_token="<|endoftext|>"):
     from transformers import CLIPTokenizer
 
     chars = _bytes_to_unicode()
@@ -66,7 +66,7 @@ def build_tiny_clip_tokenizer(words=TINY_WORDS, model_max_length=77):
                 merges.append(merge)
             current = current + piece
             vocab.setdefault(current, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token=pad_token)
 
 
 def build_tiny_sd(path, prediction_type="epsilon", seed=0):
@@ -135,16 +135,25 @@ def build_tiny_sd(path, prediction_type="epsilon", seed=0):
     return pipe
 
 
-def build_tiny_sdxl(path, seed=0, force_zeros_for_empty_prompt=True, legacy_pooling=False):
+def build_tiny_sdxl(path, seed=0, force_zeros_for_empty_prompt=True, legacy_pooling=False, edm=False):
     """Write a tiny, randomly initialised SDXL pipeline to ``path`` and return it. The two text encoders have
-    different widths (16 and 32, projection 24), so swapping them fails on shape; the UNet takes the 48-wide
-    concatenation and SDXL's ``text_time`` added conditioning. ``legacy_pooling`` gives the second encoder the old
-    ``eos_token_id=2`` config, which pools at the argmax of the ids (the highest id: a newly added token)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    different widths (16 and 32, projection 24), so swapping them fails on shape; the second tokenizer pads with "!"
+    as SDXL's tokenizer_2 does (the first with <|endoftext|>), so swapping the tokenizers changes the conditioning.
+    The UNet takes the 48-wide concatenation and SDXL's ``text_time`` added conditioning. ``legacy_pooling`` gives the
+    second encoder the old ``eos_token_id=2`` config, which pools at the argmax of the ids (the highest id: a newly
+    added token). ``edm`` makes it EDM-style, as Playground v2.5 is: an EDM scheduler and a VAE whose config
+    normalises latents with ``latents_mean`` / ``latents_std``."""
+    from diffusers import (
+        AutoencoderKL,
+        EDMDPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    tokenizer, tokenizer_2 = build_tiny_clip_tokenizer(), build_tiny_clip_tokenizer()
+    tokenizer, tokenizer_2 = build_tiny_clip_tokenizer(), build_tiny_clip_tokenizer(pad_token="!")
 
     def text_config(width, **extra):
         return CLIPTextConfig(
@@ -161,6 +170,8 @@ def build_tiny_sdxl(path, seed=0, force_zeros_for_empty_prompt=True, legacy_pool
             **extra,
         )
 
+    # Playground v2.5's VAE normalises latents per channel before its scaling factor.
+    edm_latents = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.9, 1.1, 1.0, 0.8], scaling_factor=0.5)
     text_encoder = CLIPTextModel(text_config(16))
     config_2 = text_config(32, projection_dim=24)
     if legacy_pooling:
@@ -192,15 +203,19 @@ def build_tiny_sdxl(path, seed=0, force_zeros_for_empty_prompt=True, legacy_pool
         latent_channels=4,
         norm_num_groups=8,
         sample_size=16,
+        **(edm_latents if edm else {}),
     )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    if edm:
+        scheduler = EDMDPMSolverMultistepScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
+    else:
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
     pipe = StableDiffusionXLPipeline(
         unet=unet,
         vae=vae,

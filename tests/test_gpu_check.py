@@ -41,6 +41,26 @@ def test_the_check_fails_on_what_it_checks(gpu_check):
         gpu_check.check_run(run, [[1.0, float("nan"), 0.0]], None, torch.float32, None)
     with pytest.raises(AssertionError, match="LoRA is not fp32"):
         gpu_check.check_run(run, [[1.0, 1.0, 0.0]], None, torch.float32, None)
+    good = torch.linspace(-1, 1, 3 * 4 * 4).reshape(3, 4, 4)
+    gpu_check.check_validation_images([good, good], expected=2)
+    with pytest.raises(AssertionError, match="1 validation images decoded, expected 2"):
+        gpu_check.check_validation_images([good], expected=2)
+    with pytest.raises(AssertionError, match="validation image 1 is non-finite"):
+        gpu_check.check_validation_images([good, torch.full_like(good, float("nan"))], expected=2)
+    with pytest.raises(AssertionError, match="validation image 0 is constant"):
+        gpu_check.check_validation_images([torch.full_like(good, -1.0), good], expected=2)
+
+
+def test_validation_images_are_recorded_as_train_palp_decodes_them(gpu_check):
+    import train_palp as tp
+
+    vae = type("VAE", (), {"dtype": torch.float32, "config": type("C", (), {"scaling_factor": 0.5})()})()
+    vae.decode = lambda z, return_dict=False: (z * 2,)
+    with gpu_check.recorded_validation_images() as images:
+        decoded = tp.decode_latents(vae, torch.ones(2, 4, 3, 3))
+    assert tp.decode_latents is not None and len(images) == 2
+    torch.testing.assert_close(torch.stack(images), decoded)
+    assert tp.decode_latents.__name__ == "decode_latents"  # the original is back
 
 
 def test_the_sd15_tokenizer_has_clips_size_and_special_ids(gpu_check):

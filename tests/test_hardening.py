@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +49,18 @@ def _zero_terminal_snr_model(tmp_path):
     config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     config_file.write_text(json.dumps(config))
     return str(path)
+
+
+def _edm_sdxl_model(tmp_path):
+    """A tiny SDXL model in Playground v2.5's form: EDM scheduler, VAE with latents_mean / latents_std."""
+    from conftest import build_tiny_sdxl
+
+    build_tiny_sdxl(tmp_path / "edm-sdxl", edm=True)
+    return str(tmp_path / "edm-sdxl")
+
+
+def _vae_with_latents_statistics(tmp_path):
+    return str(Path(_edm_sdxl_model(tmp_path)) / "vae")
 
 
 # (id, how to change the arguments, text the error must contain)
@@ -95,6 +108,17 @@ BAD_INPUTS = [
     ("negative lora alpha", {"--lora_alpha": "-4"}, "--lora_alpha"),
     ("wandb with hub token", {"--report_to": "wandb", "--hub_token": "hf_x"}, "--hub_token"),
     ("empty class", {"--class_name": " "}, "--class_name"),
+    (
+        "EDM-style SDXL model",
+        {"--pretrained_model_name_or_path": _edm_sdxl_model},
+        "EDM-style model (scheduler EDMDPMSolverMultistepScheduler; latents_mean and latents_std in the config of "
+        "its VAE)",
+    ),
+    (
+        "VAE with latents statistics",
+        {"--pretrained_vae_model_name_or_path": _vae_with_latents_statistics},
+        "EDM-style model (latents_mean and latents_std in the config of --pretrained_vae_model_name_or_path",
+    ),
     (
         "checkpoint path missing",
         {"--resume_from_checkpoint": lambda p: str(p / "no-ckpt")},

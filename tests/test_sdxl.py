@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, EDMEulerScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 import train_palp as tp
@@ -78,6 +78,24 @@ def test_training_encoding_equals_the_pipeline_encode_prompt(trained, tiny_sdxl_
     torch.testing.assert_close(run.uncond.text_embeds, negative_pooled, atol=0, rtol=0)
     assert run.uncond.hidden.abs().sum() == 0
     assert run.uncond.time_ids.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]
+
+
+def test_the_fixtures_tokenizers_pad_as_sdxls_and_validation_encodes_as_training(trained):
+    """SDXL's tokenizer_2 pads with "!", its tokenizer with <|endoftext|>: the fixture does too, so a tokenizer
+    mix-up in training or in the validation pipeline changes the conditioning."""
+    run, _ = trained
+    first, second = run.conditioner.tokenizers
+    assert (first.pad_token, second.pad_token) == ("<|endoftext|>", "!") and first.pad_token_id != second.pad_token_id
+    ids = run.conditioner.tokenize([TARGET])
+    assert int(ids[0][0, -1]) == first.pad_token_id and int(ids[1][0, -1]) == second.pad_token_id
+    pipe = run.conditioner.pipeline(run.vae, run.base_unet, None, run.base_text_encoders)
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(TARGET, device="cpu", do_classifier_free_guidance=False)
+        ours = run.conditioner.encode(ids)
+        swapped = run.conditioner.encode((ids[1], ids[0]))
+    torch.testing.assert_close(embeds, ours.hidden, atol=0, rtol=0)
+    torch.testing.assert_close(pooled, ours.text_embeds, atol=0, rtol=0)
+    assert (swapped.hidden - ours.hidden).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("legacy_pooling", [False, True], ids=["eos-pooling", "argmax-pooling"])
@@ -242,6 +260,59 @@ def test_models_palp_cannot_train_fail_with_one_clear_message(tiny_sdxl_path, tm
     assert message.count("\n") == 0
 
 
+def _edm_scheduler_only(model, tmp_path):
+    folder = tmp_path / "edm-scheduler"
+    shutil.copytree(model, folder)
+    EDMEulerScheduler().save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "EDMEulerScheduler"]}))
+    return folder, []
+
+
+def _edm_model(model, tmp_path):
+    build_tiny_sdxl(tmp_path / "edm", edm=True)
+    return tmp_path / "edm", []
+
+
+def _edm_vae(model, tmp_path):
+    build_tiny_sdxl(tmp_path / "edm", edm=True)
+    return model, ["--pretrained_vae_model_name_or_path", str(tmp_path / "edm" / "vae")]
+
+
+@pytest.mark.parametrize("script", ["train_palp", "train_palp_multi_subject"])
+@pytest.mark.parametrize(
+    "change,found",
+    [
+        (_edm_model, "scheduler EDMDPMSolverMultistepScheduler; latents_mean and latents_std in the config of its"),
+        (_edm_scheduler_only, "scheduler EDMEulerScheduler)"),
+        (_edm_vae, "latents_mean and latents_std in the config of --pretrained_vae_model_name_or_path '"),
+    ],
+    ids=["playground-style model", "EDM scheduler", "VAE with latents statistics"],
+)
+def test_edm_style_models_are_refused_before_any_weights_load(
+    tiny_sdxl_path, tmp_path, monkeypatch, script, change, found
+):
+    """PALP's mathematics here is DDPM ε/v on ᾱ_t with latents scaled by scaling_factor alone; an EDM-style SDXL
+    model would train silently with DDPM betas and unnormalised latents."""
+    import importlib
+
+    from test_multi_subject import common_flags, subject_flags
+
+    module = importlib.import_module(script)
+    model, extra = change(tiny_sdxl_path, tmp_path)
+    monkeypatch.setattr(module, "load_models", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    instance = str(write_instance_images(tmp_path / "i"))
+    if script == "train_palp":
+        argv = base_args(str(model), instance, tmp_path / "out", *extra)
+    else:
+        argv = [*subject_flags(instance, instance), *common_flags(str(model), tmp_path / "out"), *extra]
+    with pytest.raises(SystemExit) as info:
+        module.cli(argv)
+    message = str(info.value)
+    assert message.startswith(f"error: --pretrained_model_name_or_path {str(model)!r}: an EDM-style model (")
+    assert found in message and "DDPM ε/v-prediction" in message and message.count("\n") == 0
+
+
 def test_accelerate_launch_sdxl_outputs_load_into_a_fresh_pipeline(tiny_sdxl_path, instance_dir, tmp_path):
     out = tmp_path / "out"
     command = [
@@ -276,6 +347,9 @@ def test_multi_subject_script_on_sdxl_writes_one_loadable_file_per_token(tiny_sd
     assert isinstance(run.conditioner, tpm.SDXLTextConditioner)
     card = (out / "README.md").read_text()
     assert "StableDiffusionXLPipeline.from_pretrained" in card
+    assert "- VAE used in training: the base model's" in card and "- stable-diffusion-xl-diffusers" in card
+    assert "guidance scale 5.0)" in card and json.loads((out / "training_config.json").read_text())[
+        "validation_guidance_scale"] == 5.0  # fmt: skip
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
     for index, token in enumerate((CAT, ART)):
         name = tpm.embedding_file_name(token, single=False)

@@ -345,7 +345,7 @@ def test_card_base_model_is_a_hub_id_or_nothing(tmp_path):
     from huggingface_hub import ModelCard
 
     for base in (None, "owner/base"):
-        card = ModelCard(tp.card_metadata(base, "A photo of <t>") + "\n\n# x\n")
+        card = ModelCard(tp.card_metadata(base, "A photo of <t>", tp.TextConditioner.card_tags) + "\n\n# x\n")
         assert card.data.to_dict().get("base_model") == base
         assert card.data.to_dict()["instance_prompt"] == "A photo of <t>"
 
