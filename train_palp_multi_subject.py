@@ -450,6 +450,18 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         help="Use xformers attention (PyTorch SDPA is the default and usually as good).",
     )
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    parser.add_argument(
+        "--base_quantization",
+        type=str,
+        default="none",
+        choices=["none", "nf4", "int8"],
+        help="Load the frozen UNet quantized by bitsandbytes through diffusers' BitsAndBytesConfig (QLoRA-style): "
+        "'nf4' stores its linear layers in 4-bit NormalFloat and computes in the training dtype, 'int8' in "
+        "LLM.int8(); convolutions and norms stay in the training dtype, the LoRA and the token rows in fp32. PALP's "
+        "pre-trained prediction is then this quantized UNet with its LoRA switched off, not the full-precision "
+        "model. The saved LoRA loads into the ordinary, unquantized pipeline. Needs bitsandbytes and a GPU. "
+        "Default: none (ours; the paper does not quantize).",
+    )
 
     # Checkpoints.
     parser.add_argument(
@@ -583,6 +595,7 @@ def validate_training_args(args):
                 "or drop the flag to use PyTorch's SDPA attention."
             )
     require_package("bitsandbytes", "--use_8bit_adam", args.use_8bit_adam)
+    check_base_quantization(args.base_quantization)
     require_package("wandb", "--report_to wandb", args.report_to in ("wandb", "all"))
     output_dir = Path(args.output_dir)
     if (output_dir / LORA_NAME).exists() and not args.overwrite_output_dir and not args.resume_from_checkpoint:
@@ -598,6 +611,37 @@ def alignment_timestep_ratios(args):
     low = args.timestep_min_ratio if args.alignment_timestep_min_ratio is None else args.alignment_timestep_min_ratio
     high = args.timestep_max_ratio if args.alignment_timestep_max_ratio is None else args.alignment_timestep_max_ratio
     return low, high
+
+
+# Copied from train_palp.base_quantization_config
+def base_quantization_config(mode, compute_dtype):
+    """diffusers' ``BitsAndBytesConfig`` for --base_quantization, or None for 'none'. NF4 computes in the training
+    dtype, as QLoRA does; bitsandbytes quantizes only the linear layers, so the convolutions and norms stay in it."""
+    if mode == "none":
+        return None
+    from diffusers import BitsAndBytesConfig
+
+    if mode == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+# Copied from train_palp.check_base_quantization
+def check_base_quantization(mode):
+    """--base_quantization needs bitsandbytes and what diffusers' bitsandbytes quantizer asks of the machine (a GPU
+    and recent enough versions): its own check, asked here rather than half-way through loading the models."""
+    if mode == "none":
+        return
+    require_package("bitsandbytes", "--base_quantization", True)
+    from diffusers.quantizers import DiffusersAutoQuantizer
+
+    quantizer = DiffusersAutoQuantizer.from_config(base_quantization_config(mode, torch.float32))
+    try:
+        quantizer.validate_environment()
+    except (RuntimeError, ImportError) as error:
+        raise UserInputError(
+            f"--base_quantization {mode}: {error} Drop the flag to train on the full-precision UNet."
+        ) from None
 
 
 # Copied from train_palp.require_package
@@ -1798,8 +1842,9 @@ def read_config(model_class, flag, path, subfolder=None, **kwargs):
 
 
 # Copied from train_palp.load_models
-def load_models(args, conditioner):
-    """Text encoders (into the conditioner), VAE, UNet and the training noise schedule; all frozen."""
+def load_models(args, conditioner, weight_dtype=torch.float32, device="cpu"):
+    """Text encoders (into the conditioner), VAE, UNet and the training noise schedule; all frozen. With
+    --base_quantization the UNet is quantized as it loads, straight onto ``device``, in ``weight_dtype``."""
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
     path = args.pretrained_model_name_or_path
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
@@ -1808,6 +1853,10 @@ def load_models(args, conditioner):
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
     else:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
+    quantization_config = base_quantization_config(args.base_quantization, weight_dtype)
+    if quantization_config is not None:
+        # A quantized model cannot be cast or moved after loading: it is placed and typed here, once.
+        common.update(quantization_config=quantization_config, torch_dtype=weight_dtype, device_map={"": device})
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
     if unet.config.in_channels != vae.config.latent_channels:
         raise UserInputError(
@@ -2554,12 +2603,13 @@ def stop_requested(accelerator, stop):
 def prepare_models(args, accelerator, conditioner, tokens, class_names):
     """Frozen models in the training dtype, the placeholder rows and the LoRA in fp32; the resolution resolved."""
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    vae, unet, noise_scheduler = load_models(args, conditioner)
+    vae, unet, noise_scheduler = load_models(args, conditioner, weight_dtype, accelerator.device)
     conditioner.add_placeholder_tokens(tokens, class_names)
     # The SDXL VAE overflows in fp16: a VAE stays in fp32 unless its config says it need not (force_upcast false,
     # as in an fp16-safe VAE given with --pretrained_vae_model_name_or_path).
     vae.to(accelerator.device, dtype=torch.float32 if vae.config.force_upcast else weight_dtype)
-    for model in (unet, *conditioner.text_encoders):
+    quantized = args.base_quantization != "none"  # then the UNet was loaded on the device, in the training dtype
+    for model in conditioner.text_encoders if quantized else (unet, *conditioner.text_encoders):
         model.to(accelerator.device, dtype=weight_dtype)
     lora_config = add_lora(unet, args.rank, resolved_lora_alpha(args), args.lora_dropout)
     # Mixed precision computes in fp16/bf16, but what trains (LoRA, the token rows) is stored in fp32.

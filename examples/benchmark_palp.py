@@ -43,13 +43,16 @@ the same quantity.
 """
 
 import argparse
+import contextlib
 import copy
+import importlib.util
 import json
 import os
 import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -257,6 +260,25 @@ def parse_args(input_args=None):
         help="Gradient checkpointing of the UNet and the text encoder, as train_palp.py's flag; 'both' measures "
         "without, then with.",
     )
+    parser.add_argument(
+        "--use_8bit_adam",
+        type=str,
+        default="off",
+        choices=["off", "on", "both"],
+        help="The optimizer, as train_palp.py's flag: 'on' is bitsandbytes' AdamW8bit (runs on the CPU too); 'both' "
+        "measures AdamW, then AdamW8bit.",
+    )
+    parser.add_argument(
+        "--base_quantization",
+        type=str,
+        nargs="+",
+        default=["none"],
+        choices=["none", "nf4", "int8"],
+        help="The frozen UNet, as train_palp.py's flag: loaded through diffusers' BitsAndBytesConfig. Several values "
+        "are measured in turn, each on its own models (e.g. 'none nf4'). On --device cpu diffusers' quantizer refuses "
+        "to run (its environment check asks for a GPU); the benchmark lifts that one check while it loads the UNet, "
+        "and bitsandbytes quantizes and computes on the CPU.",
+    )
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (train_palp.py's default: 32).")
     parser.add_argument(
         "--guidance_scale_pretrained", type=float, default=15.0, help="α of the PALP step (train_palp.py: 15.0)."
@@ -306,6 +328,11 @@ def validate_args(args):
         raise SystemExit("error: --device cuda, but torch sees no CUDA device.")
     if args.mixed_precision == "fp16" and args.device != "cuda":
         raise SystemExit("error: --mixed_precision fp16 needs --device cuda (use bf16 or no on the CPU).")
+    needs_bitsandbytes = args.use_8bit_adam != "off" or set(args.base_quantization) != {"none"}
+    if needs_bitsandbytes and importlib.util.find_spec("bitsandbytes") is None:
+        raise SystemExit(
+            "error: --use_8bit_adam and --base_quantization need bitsandbytes: `pip install bitsandbytes`."
+        )
     if args.warmup < 0 or args.repeats < 1:
         raise SystemExit("error: --warmup must be >= 0 and --repeats >= 1.")
     for resolution, batch in parse_sizes(args):
@@ -354,6 +381,7 @@ class Models:
     noise_scheduler: DDPMScheduler
     frozen_copy: torch.nn.Module  # the pre-trained UNet as a separate fp32 copy, for 'before_frozen_copy' only
     prompt_ids: dict  # token ids of y_P, y_c and ∅: one [1, 77] tensor per text encoder each
+    unet_parameters: dict = None  # unet_parameter_split of the unquantized UNet
 
 
 def fixed_prompt_ids(models):
@@ -366,11 +394,12 @@ def prompt_token_ids(word_ids, bos, eos, pad, length=77):
     return torch.tensor([ids + [pad] * (length - len(ids))])
 
 
-def build_models(model, rank, device, weight_dtype, seed, with_frozen_copy):
+def build_models(model, rank, device, weight_dtype, seed, with_frozen_copy, base_quantization="none"):
     """UNet + LoRA and text encoder + placeholder row, as ``train_palp.prepare_models`` prepares them.
 
     No tokenizer is needed: prompts are fixed token ids of the right length (77, the cost does not depend on the
-    words): y_P = "a photo of [V]", y_c = "a sketch of a cat in paris", ∅ = "".
+    words): y_P = "a photo of [V]", y_c = "a sketch of a cat in paris", ∅ = "". With ``base_quantization`` the
+    random UNet is written to a temporary folder and loaded back quantized, as train_palp.py loads a model.
     """
     family, unet_config, text_configs = ARCHITECTURES[model]
     torch.manual_seed(seed)
@@ -411,14 +440,59 @@ def build_models(model, rank, device, weight_dtype, seed, with_frozen_copy):
     }
     prompt_ids = {name: (value,) * len(text_encoders) for name, value in ids.items()}
 
+    unet_parameters = unet_parameter_split(unet)
     frozen_copy = None
     if with_frozen_copy:
         frozen_copy = copy.deepcopy(unet).to(device, dtype=torch.float32).eval()
-    for module in (*text_encoders, unet):
+    for module in text_encoders:
         module.to(device, dtype=weight_dtype)
+    if base_quantization == "none":
+        unet.to(device, dtype=weight_dtype)
+    else:
+        # Written out and loaded back quantized, as train_palp.load_models loads a model; the full-precision UNet is
+        # freed first, so only one of the two is ever in memory.
+        with tempfile.TemporaryDirectory() as folder:
+            unet.save_pretrained(folder)
+            del unet
+            unet = load_quantized_unet(folder, base_quantization, weight_dtype, device)
     lora_config = tp.add_lora(unet, rank, rank, 0.0)
     cast_training_params([unet, *text_encoders], dtype=torch.float32)
-    return Models(unet, conditioner, lora_config, noise_scheduler, frozen_copy, prompt_ids)
+    return Models(unet, conditioner, lora_config, noise_scheduler, frozen_copy, prompt_ids, unet_parameters)
+
+
+def load_quantized_unet(folder, mode, weight_dtype, device):
+    """The UNet of ``folder`` through diffusers' BitsAndBytesConfig, as train_palp.load_models loads it."""
+    with cpu_quantizer() if device.type == "cpu" else contextlib.nullcontext():
+        quantized = UNet2DConditionModel.from_pretrained(
+            folder,
+            quantization_config=tp.base_quantization_config(mode, weight_dtype),
+            torch_dtype=weight_dtype,
+            device_map={"": device},
+        )
+    return quantized.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def cpu_quantizer():
+    """diffusers' bitsandbytes quantizers refuse a machine without a GPU in ``validate_environment``; bitsandbytes
+    itself quantizes and computes on the CPU. For a CPU measurement only, that one check is lifted while loading."""
+    from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer, BnB8BitDiffusersQuantizer
+
+    saved = {cls: cls.validate_environment for cls in (BnB4BitDiffusersQuantizer, BnB8BitDiffusersQuantizer)}
+    for cls in saved:
+        cls.validate_environment = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for cls, method in saved.items():
+            cls.validate_environment = method
+
+
+def unet_parameter_split(unet):
+    """Parameters of the UNet in total and in the weights bitsandbytes quantizes (every nn.Linear's weight; its bias,
+    the convolutions and the norms keep the training dtype)."""
+    linear = sum(m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Linear))
+    return {"total": sum(p.numel() for p in unet.parameters()), "quantized_weights": linear}
 
 
 def set_gradient_checkpointing(models, enabled):
@@ -432,7 +506,7 @@ def set_gradient_checkpointing(models, enabled):
             text_encoder.gradient_checkpointing_disable()
 
 
-def build_run(accelerator, models, resolution, batch_size, alignment, weight_dtype, seed):
+def build_run(accelerator, models, resolution, batch_size, alignment, weight_dtype, seed, use_8bit_adam=False):
     """A ``train_palp.TrainingRun`` around the models: what ``training_step`` reads, with a fixed latent batch (the
     VAE is not part of a step's cost once latents are cached) and the default optimizer and schedule."""
     train_args = argparse.Namespace(
@@ -441,7 +515,7 @@ def build_run(accelerator, models, resolution, batch_size, alignment, weight_dty
         scale_lr=False,
         learning_rate=5e-5,
         embedding_learning_rate=None,
-        use_8bit_adam=False,
+        use_8bit_adam=use_8bit_adam,
         adam_beta1=0.9,
         adam_beta2=0.999,
         adam_weight_decay=1e-2,
@@ -821,8 +895,22 @@ def resident_tensors(run, modules):
         tensors += [cond.hidden, cond.text_embeds, cond.time_ids, cond.alignment_time_ids]
     for module in (run.base_unet, *run.base_text_encoders, *modules):
         tensors += list(module.parameters()) + list(module.buffers())
+        tensors += quantization_state_tensors(module)
     for state in run.optimizer.state_dict()["state"].values():
         tensors += [value for value in state.values() if torch.is_tensor(value)]
+    return tensors
+
+
+def quantization_state_tensors(module):
+    """What bitsandbytes keeps beside a quantized weight, outside parameters and buffers: the NF4 block scales and
+    code (``weight.quant_state``), the int8 row scales (``weight.SCB``)."""
+    tensors = []
+    for param in module.parameters():
+        state = getattr(param, "quant_state", None)
+        while state is not None:
+            tensors += [state.absmax, state.code, getattr(state, "offset", None)]
+            state = getattr(state, "state2", None)
+        tensors.append(getattr(param, "SCB", None))
     return tensors
 
 
@@ -941,6 +1029,7 @@ def measure_setting(accelerator, models, setting, args, names):
         tp.AlignmentConfig(),
         setting["weight_dtype"],
         args.seed,
+        setting["use_8bit_adam"],
     )
     run.unet.train()
     micro_steps = list(range(args.warmup + args.repeats))
@@ -978,6 +1067,9 @@ def measure_setting(accelerator, models, setting, args, names):
         "latent_size": setting["resolution"] // LATENT_SCALE_FACTOR,
         "batch_size": setting["batch_size"],
         "gradient_checkpointing": setting["gradient_checkpointing"],
+        "use_8bit_adam": setting["use_8bit_adam"],
+        "base_quantization": setting["base_quantization"],
+        "unet_parameters": models.unet_parameters,
         "rank": args.rank,
         "guidance_scale_pretrained": args.guidance_scale_pretrained,
         "guidance_scale_personalized": args.guidance_scale_personalized,
@@ -1026,6 +1118,7 @@ def format_setting(result):
     lines = [
         f"== {result['model']} | {result['resolution']} px ({result['latent_size']}×{result['latent_size']} latents) "
         f"| batch {result['batch_size']} | gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'} "
+        f"| {'AdamW8bit' if result['use_8bit_adam'] else 'AdamW'} | base {result['base_quantization']} "
         f"| {result['device']} {result['mixed_precision']} | α={result['guidance_scale_pretrained']} "
         f"β={result['guidance_scale_personalized']} | medians of {result['repeats']} interleaved rounds ==",
         f"{'variant':<24}{'what':<42}{'median s':>10}{'min s':>9}{'max s':>9}{'peak MiB':>11}{'step MiB':>10}"
@@ -1091,6 +1184,62 @@ def format_scaling(results):
     return "\n".join(lines)
 
 
+def memory_options(results):
+    """Peak memory of each (base quantization, optimizer) setting as a ratio of the full-precision base with AdamW
+    at the same resolution, batch and checkpointing: all measured in one run."""
+    key = lambda r: (r["resolution"], r["batch_size"], r["gradient_checkpointing"])  # noqa: E731
+    baselines = {key(r): r for r in results if r["base_quantization"] == "none" and not r["use_8bit_adam"]}
+    rows = []
+    for result in results:
+        baseline = baselines.get(key(result))
+        row = {
+            "base_quantization": result["base_quantization"],
+            "optimizer": "AdamW8bit" if result["use_8bit_adam"] else "AdamW",
+            "resolution": result["resolution"],
+            "batch_size": result["batch_size"],
+            "gradient_checkpointing": result["gradient_checkpointing"],
+        }
+        for name in ("palp", "ti_db"):
+            entry = result["variants"].get(name, {})
+            if "peak_bytes" not in entry:
+                continue
+            row[f"{name}_peak_bytes"] = entry["peak_bytes"]
+            row[f"{name}_resident_bytes"] = entry["resident_bytes"]
+            row[f"{name}_increment_bytes"] = entry["increment_bytes"]
+            base_entry = baseline["variants"].get(name, {}) if baseline else {}
+            if "peak_bytes" in base_entry:
+                row[f"{name}_peak_ratio"] = entry["peak_bytes"] / base_entry["peak_bytes"]
+        rows.append(row)
+    return rows
+
+
+def format_memory_options(results):
+    lines = [
+        "== memory: base quantization × optimizer (peak ratio against the full-precision base with AdamW) ==",
+        f"{'base':>6}{'optimizer':>11}{'res':>6}{'batch':>6}{'ckpt':>6}{'PALP peak MiB':>15}{'resident MiB':>14}"
+        f"{'step MiB':>10}{'ratio':>8}{'TI+DB MiB':>11}{'ratio':>8}",
+    ]
+    for row in memory_options(results):
+        if "palp_peak_bytes" not in row:
+            continue
+        ti_db = f"{mib(row['ti_db_peak_bytes']):.1f}" if "ti_db_peak_bytes" in row else "-"
+        ti_db_ratio = f"{row['ti_db_peak_ratio']:.3f}" if "ti_db_peak_ratio" in row else "-"
+        ratio = f"{row['palp_peak_ratio']:.3f}" if "palp_peak_ratio" in row else "-"
+        lines.append(
+            f"{row['base_quantization']:>6}{row['optimizer']:>11}{row['resolution']:>6}{row['batch_size']:>6}"
+            f"{'on' if row['gradient_checkpointing'] else 'off':>6}{mib(row['palp_peak_bytes']):>15.1f}"
+            f"{mib(row['palp_resident_bytes']):>14.1f}{mib(row['palp_increment_bytes']):>10.1f}{ratio:>8}"
+            f"{ti_db:>11}{ti_db_ratio:>8}"
+        )
+    split = results[0].get("unet_parameters")
+    if split:
+        lines.append(
+            f"UNet: {split['total'] / 1e6:.1f} M parameters, {split['quantized_weights'] / 1e6:.1f} M of them "
+            f"({split['quantized_weights'] / split['total']:.1%}) in the linear weights that bitsandbytes quantizes"
+        )
+    return "\n".join(lines)
+
+
 def main(args):
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
@@ -1100,25 +1249,41 @@ def main(args):
     names = selected_variants(args.variants)
     load_before = os.getloadavg()
     started = time.time()
-    models = build_models(
-        args.model, args.rank, device, weight_dtype, args.seed, with_frozen_copy="before_frozen_copy" in names
-    )
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
+    optimizers = {"off": [False], "on": [True], "both": [False, True]}[args.use_8bit_adam]
     results = []
-    for gradient_checkpointing in checkpointing:
-        for resolution, batch_size in parse_sizes(args):
-            setting = {
-                "resolution": resolution,
-                "batch_size": batch_size,
-                "gradient_checkpointing": gradient_checkpointing,
-                "weight_dtype": weight_dtype,
-            }
-            result = measure_setting(accelerator, models, setting, args, names)
-            results.append(result)
-            print(format_setting(result), flush=True)
-            print(flush=True)
-    if len(results) > 1:
+    for base_quantization in args.base_quantization:
+        # One set of models at a time: the previous one (and accelerate's references to it) is freed first.
+        models = None
+        accelerator.free_memory()
+        models = build_models(
+            args.model,
+            args.rank,
+            device,
+            weight_dtype,
+            args.seed,
+            with_frozen_copy="before_frozen_copy" in names,
+            base_quantization=base_quantization,
+        )
+        for use_8bit_adam in optimizers:
+            for gradient_checkpointing in checkpointing:
+                for resolution, batch_size in parse_sizes(args):
+                    setting = {
+                        "resolution": resolution,
+                        "batch_size": batch_size,
+                        "gradient_checkpointing": gradient_checkpointing,
+                        "use_8bit_adam": use_8bit_adam,
+                        "base_quantization": base_quantization,
+                        "weight_dtype": weight_dtype,
+                    }
+                    result = measure_setting(accelerator, models, setting, args, names)
+                    results.append(result)
+                    print(format_setting(result), flush=True)
+                    print(flush=True)
+    if len(results) > 1 and len(args.base_quantization) == 1 and args.use_8bit_adam != "both":
         print(format_scaling(results), flush=True)
+    if len(args.base_quantization) > 1 or args.use_8bit_adam == "both":
+        print(format_memory_options(results), flush=True)
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": machine_info(device),
@@ -1131,6 +1296,7 @@ def main(args):
         "peak_definition": "resident bytes (weights, buffers, optimizer state, fixed embeddings) + step increment",
         "goals": {"floor_ratio": FLOOR_RATIO_GOAL, "memory_ratio": MEMORY_RATIO_GOAL},
         "settings": results,
+        "memory_options": memory_options(results),
     }
     print(
         f"machine: {report['machine']['cpu_model']}, {report['machine']['cpus_available']} CPUs available, "

@@ -199,3 +199,29 @@ def test_alternating_rounds_reverse_every_other_timed_round():
     # The first timed round runs forwards, the next backwards; the warm-up round before them alternates too.
     assert order == [(0, "palp"), (0, "ti_db"), (1, "ti_db"), (1, "palp"), (2, "palp"), (2, "ti_db")]
     assert {name: len(values) for name, values in times.items()} == {"ti_db": 2, "palp": 2}
+
+
+def test_memory_options_measure_quantized_base_and_8bit_adam_in_one_run(capsys):
+    """--base_quantization and --use_8bit_adam: every combination measured in one run, as ratios of the
+    full-precision base with AdamW; the quantized UNet's resident bytes count bitsandbytes' scales too."""
+    import bitsandbytes as bnb
+
+    args = bench.parse_args(
+        ["--model", "tiny", "--rank", "4", "--resolution", "64", "--warmup", "0", "--repeats", "1"]
+        + ["--variants", "ti_db", "palp", "--use_8bit_adam", "both", "--base_quantization", "none", "nf4"]
+    )
+    report = bench.main(args)
+    assert "== memory: base quantization × optimizer" in capsys.readouterr().out
+    rows = {(row["base_quantization"], row["optimizer"]): row for row in report["memory_options"]}
+    assert set(rows) == {(b, o) for b in ("none", "nf4") for o in ("AdamW", "AdamW8bit")}
+    assert rows["none", "AdamW"]["palp_peak_ratio"] == 1.0
+    # NF4 stores the linear weights in half a byte (plus a 4-byte scale per 64): less resident memory.
+    assert rows["nf4", "AdamW"]["palp_resident_bytes"] < rows["none", "AdamW"]["palp_resident_bytes"]
+    assert rows["nf4", "AdamW"]["palp_peak_ratio"] < 1.0
+    split = report["settings"][0]["unet_parameters"]
+    assert 0 < split["quantized_weights"] < split["total"]
+
+    models = bench.build_models("tiny", 4, torch.device("cpu"), torch.float32, 0, False, base_quantization="nf4")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in models.unet.modules())
+    scales = bench.quantization_state_tensors(models.unet)
+    assert scales and bench.tensor_bytes(scales) > 0
