@@ -138,6 +138,36 @@ MUTANTS = [
     Mutant("from_args drops --alignment_normalization",
            (("normalization=args.alignment_normalization,", 'normalization="none",'),),
            ("test_alignment_config_from_args_round_trip",)),
+    # The rectified-flow process (velocity model): its conversions, loss, balance and timestep draw.
+    Mutant("flow ε̂ with v̂ subtracted", (("        return x_t + a * model_output", "        return x_t - a * model_output"),),
+           ("test_rectified_flow_noising_x0_and_epsilon_round_trip",)),
+    Mutant("flow x̂0 scaled by 1 - σ instead of σ",
+           (("        _, b = self.coefficients(t, x_t)\n        return x_t - b * model_output",
+             "        b, _ = self.coefficients(t, x_t)\n        return x_t - b * model_output"),),
+           ("test_rectified_flow_noising_x0_and_epsilon_round_trip",)),
+    Mutant("flow target x0 - ε", (("        return noise - x0", "        return x0 - noise"),),
+           ("test_palp_losses_with_rectified_flow_match_an_independent_reference",)),
+    Mutant("flow balance 1/(1 - σ) instead of 1/(1 - σ)²",
+           (("/ (1 - self.sigma(t1).float()) ** 2", "/ (1 - self.sigma(t1).float())"),),
+           ("test_rectified_flow_balance_restores_the_epsilon_ratio_of_the_two_gradients",)),
+    Mutant("flow balance without the loss weighting",
+           (("        return self.loss_weighting(t1) / (1 - self.sigma(t1).float()) ** 2",
+             "        return 1 / (1 - self.sigma(t1).float()) ** 2"),),
+           ("test_rectified_flow_balance_restores_the_epsilon_ratio_of_the_two_gradients",)),
+    Mutant("flow w(t2) σ instead of σ²", (("        return self.sigma(t) ** 2", "        return self.sigma(t)"),),
+           ("test_palp_losses_with_rectified_flow_match_an_independent_reference",)),
+    Mutant("flow --no-rescale factor inverted",
+           (("        return sigma / (1 - sigma)", "        return (1 - sigma) / sigma"),),
+           ("test_palp_losses_with_rectified_flow_match_an_independent_reference",)),
+    Mutant("flow timesteps read from the wrong end of the table",
+           (("        index = t_max - (u * count).long().clamp(0, count - 1)",
+             "        index = t_min + (u * count).long().clamp(0, count - 1)"),),
+           ("test_rectified_flow_timesteps_follow_the_sd3_density",)),
+    Mutant("flow timesteps not from the step's generator",
+           (("            generator=generator,\n        )\n        count", "            generator=None,\n        )\n        count"),),
+           ("test_rectified_flow_timesteps_follow_the_sd3_density",)),
+    Mutant("flow σ = 1 accepted", (("        if self.sigmas[t_max] < 1:", "        if True:"),),
+           ("test_rectified_flow_refuses_sigma_one",)),
 ]  # fmt: skip
 
 
@@ -202,7 +232,8 @@ def first_failure(request, mutant):
             }
             try:
                 test(**params, **fixtures)
-            except Exception as error:  # an assertion, or the mutant breaking the call: caught either way
+            # An assertion, pytest.raises that saw nothing raised, or the mutant breaking the call: caught either way.
+            except (Exception, pytest.fail.Exception) as error:
                 return f"{test.__name__}{params or ''}: {type(error).__name__}"
     return None
 

@@ -679,3 +679,185 @@ def test_normalized_alignment_sets_the_ratio_on_a_v_models_output_too(lora_unet)
         (g_pers,) = torch.autograd.grad(loss_pers, captured["out"], retain_graph=True)
         (g_align,) = torch.autograd.grad(config.weight * loss_align, captured["out"])
         torch.testing.assert_close(rms(g_align) / rms(g_pers), torch.full((2,), 0.5), rtol=1e-4, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ rectified flow
+def _flow_scheduler(shift=3.0):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=shift)
+
+
+def _flow_process(weighting_scheme="logit_normal", shift=3.0):
+    return tp.RectifiedFlowProcess.from_scheduler(_flow_scheduler(shift), weighting_scheme=weighting_scheme)
+
+
+def test_rectified_flow_noising_x0_and_epsilon_round_trip():
+    """x_t = (1 - σ)x0 + σε as diffusers' scheduler noises; from the true velocity v = ε - x0 the process gives back
+    ε and x0; from any v̂, x̂0 = x_t - σv̂ and ε̂ = x_t + (1 - σ)v̂ belong to each other."""
+    scheduler, process = _flow_scheduler(), _flow_process()
+    assert torch.equal(process.sigmas.flip(0), scheduler.sigmas)  # the training table, in ascending order
+    g = torch.Generator().manual_seed(0)
+    x0, eps, v_hat = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    t = scheduler.timesteps[[990, 500, 5]]  # σ small, middle, close to 1
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    x_t = process.add_noise(x0, eps, t)
+    torch.testing.assert_close(x_t, scheduler.scale_noise(x0, t, eps))
+    torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * eps)
+    v = eps - x0
+    torch.testing.assert_close(process.target(x0, eps, t), v)
+    torch.testing.assert_close(process.epsilon(v, x_t, t), eps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(process.original_sample(v, x_t, t), x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(process.predicted_original_sample(x_t, eps, t), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(process.original_sample(v_hat, x_t, t), x_t - sigma * v_hat)
+    torch.testing.assert_close(process.epsilon(v_hat, x_t, t), x_t + (1 - sigma) * v_hat)
+    eps_hat = process.epsilon(v_hat, x_t, t)
+    torch.testing.assert_close(
+        process.predicted_original_sample(x_t, eps_hat, t), process.original_sample(v_hat, x_t, t), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(process.noise_variance(t), (t / 1000) ** 2)
+    torch.testing.assert_close(process.x0_epsilon_gain(t), (t / 1000) / (1 - t / 1000))
+
+
+def test_rectified_flow_timesteps_follow_the_sd3_density():
+    """On the full table the draw is diffusers' SD3 DreamBooth-LoRA draw for the same generator; narrower bounds keep
+    it inside them; the step's generator alone decides it; shift moves the density towards noise."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    scheduler, process = _flow_scheduler(), _flow_process()
+    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    t = process.sample_timesteps(4096, (0, 999), g(0))
+    assert t.shape == (4096,) and t.dtype == torch.float32
+    u = compute_density_for_timestep_sampling("logit_normal", 4096, logit_mean=0.0, logit_std=1.0, generator=g(0))
+    torch.testing.assert_close(t, scheduler.timesteps[(u * 1000).long()], atol=0, rtol=0)
+    assert torch.equal(t, process.sample_timesteps(4096, (0, 999), g(0)))
+    assert not torch.equal(t, process.sample_timesteps(4096, (0, 999), g(1)))
+    inside = process.sample_timesteps(4096, (20, 980), g(0))
+    assert inside.min() >= process.sigmas[20] * 1000 and inside.max() <= process.sigmas[980] * 1000
+    assert inside.min() < process.sigmas[60] * 1000 and inside.max() > process.sigmas[940] * 1000
+    # logit-normal: logit(σ) ~ N(0, 1) without shift (median σ = 0.5); shift 3 moves the median to 3·0.5/(1 + 2·0.5).
+    plain = _flow_process(shift=1.0).sample_timesteps(4096, (0, 999), g(2)) / 1000
+    assert abs(plain.median() - 0.5) < 0.03 and abs(torch.logit(plain).std() - 1.0) < 0.05
+    assert abs((process.sample_timesteps(4096, (0, 999), g(2)) / 1000).median() - 0.75) < 0.03
+    # In a step: t2 is drawn independently from the same density, or equals t1 with --alignment_timestep same.
+    noise, t1, t2, noise2 = tp.sample_step_noise((2, 4, 8, 8), process, (20, 980), tp.AlignmentConfig(), g(3))
+    assert noise2 is noise and not torch.equal(t1, t2) and t1.dtype == torch.float32
+    same = tp.sample_step_noise((2, 4, 8, 8), process, (20, 980), tp.AlignmentConfig(timestep="same"), g(3))
+    assert torch.equal(same[1], t1) and torch.equal(same[2], t1)
+
+
+def test_rectified_flow_refuses_sigma_one():
+    process = _flow_process()
+    assert process.sigmas[999] == 1 and process.sigmas[998] < 1
+    with pytest.raises(tp.UserInputError, match="--timestep_max_ratio 0.998 or lower"):
+        process.check_timestep_bounds(tp.timestep_bounds(1000, 0.02, 1.0))
+    process.check_timestep_bounds(tp.timestep_bounds(1000, 0.02, 0.98))  # the default is fine
+
+
+@pytest.mark.parametrize("weighting_scheme", ["logit_normal", "sigma_sqrt"])
+def test_rectified_flow_balance_restores_the_epsilon_ratio_of_the_two_gradients(weighting_scheme):
+    """Per element, (∂L_align/∂v̂) / (∂L_pers/∂v̂) of a velocity model equals the ε-model's ratio for the same ε̂, at
+    every σ1, with the flow-matching loss and its weighting as diffusers' SD3 script computes them."""
+    g = torch.Generator().manual_seed(1)
+    x0, eps, eps_hat, direction = (torch.randn(3, 4, 4, 4, generator=g) for _ in range(4))
+    flow, ddpm = _flow_process(weighting_scheme), _process()
+    t = torch.tensor([0.05, 0.5, 0.95]) * 1000
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    x_t = flow.add_noise(x0, eps, t)
+    v_hat = ((eps_hat - x_t) / (1 - sigma)).requires_grad_(True)  # the velocity that gives the same ε̂
+    (d_pers,) = torch.autograd.grad(flow.personalization_loss(v_hat, x0, eps, t), v_hat)
+    align = tp.palp_alignment_loss(flow.epsilon(v_hat, x_t, t), direction, flow, t, torch.ones(3), True)
+    (d_align,) = torch.autograd.grad(align, v_hat)
+    eps_out = eps_hat.clone().requires_grad_(True)
+    t_ddpm = torch.tensor([50, 500, 950])
+    (e_pers,) = torch.autograd.grad(ddpm.personalization_loss(eps_out, x0, eps, t_ddpm), eps_out)
+    (e_align,) = torch.autograd.grad(
+        tp.palp_alignment_loss(eps_out, direction, ddpm, t_ddpm, torch.ones(3), True), eps_out
+    )
+    torch.testing.assert_close(d_align / d_pers, e_align / e_pers, atol=1e-3, rtol=1e-3)
+
+
+def _flow_reference_losses(unet, inputs, config, weighting_scheme):
+    """The PALP terms for a velocity model written out from the flow formulas alone: x_t = (1 - σ)x0 + σε, the SD3
+    flow-matching loss ω(σ)‖v̂ - (ε - x0)‖², x̂0 = x_t - σv̂, CFG on velocities, D = (1 - σ2)(v^α_pre - v^β_per) in ε
+    units, w = σ2² for 'one_minus_alpha_bar', and the coefficient c = ω(σ1)/(1 - σ1)² · ((1 - σ1)/σ1 with the
+    rescale). Returns L_pers, the DDS loss through x̂0 whose gradient is w·c·D·∂x̂0/∂θ, and the value of the surrogate
+    -mean(w·c·σ1/(1 - σ1)·D·ε̂) with ε̂ = x_t + (1 - σ1)v̂."""
+    latents, noise, noise2, cond, cond_clean, uncond, t1, t2 = inputs
+    s1, s2 = (t1 / 1000).view(-1, 1, 1, 1), (t2 / 1000).view(-1, 1, 1, 1)
+    omega = s1**-2 if weighting_scheme == "sigma_sqrt" else torch.ones_like(s1)
+    x_t1 = (1 - s1) * latents + s1 * noise
+    v_hat = unet(x_t1, t1, encoder_hidden_states=cond).sample
+    loss_pers = (omega * (v_hat - (noise - latents)) ** 2).mean()
+    x0_hat = x_t1 - s1 * v_hat
+    eps_hat = x_t1 + (1 - s1) * v_hat
+    with torch.no_grad():
+        x_t2 = (1 - s2) * x0_hat + s2 * noise2
+
+        def velocity(c, lora):
+            if not lora:
+                unet.disable_adapters()
+            try:
+                return unet(x_t2, t2, encoder_hidden_states=c.expand(2, -1, -1)).sample
+            finally:
+                unet.enable_adapters()
+
+        def guided(c, scale, lora):
+            return velocity(uncond, lora) + scale * (velocity(c, lora) - velocity(uncond, lora))
+
+        v_pre = guided(cond_clean, config.guidance_scale_pretrained, False)
+        if config.mode == "dds":
+            direction = (1 - s2) * (v_pre - guided(cond, config.guidance_scale_personalized, True))
+        else:  # sds: the pre-trained ε^α against the added noise
+            direction = x_t2 + (1 - s2) * v_pre - noise2
+        if config.normalization == "personalization":
+            rms = lambda x: x.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1, 1)  # noqa: E731
+            direction = direction * rms(2 * (eps_hat - noise)) / rms(direction)
+    w = s2**2 if config.weighting == "one_minus_alpha_bar" else torch.ones_like(s2)
+    c = omega / (1 - s1) ** 2 * ((1 - s1) / s1 if config.rescale else 1)
+    dds = (w * c * direction * x0_hat).sum() / latents[0].numel() / latents.shape[0]
+    surrogate = -(w * c * s1 / (1 - s1) * direction * eps_hat).flatten(1).mean(1).mean()
+    return loss_pers, dds, surrogate.detach()
+
+
+FLOW_LOSS_CASES = {
+    "defaults": (dict(), "logit_normal"),
+    "no rescale": (dict(rescale=False), "logit_normal"),
+    "fresh noise, sigma² weighting": (dict(noise="fresh", weighting="one_minus_alpha_bar"), "logit_normal"),
+    "timestep same": (dict(timestep="same", rescale=False), "logit_normal"),
+    "lambda 0.5, beta 1": (dict(weight=0.5, guidance_scale_personalized=1.0, guidance_scale_pretrained=4.0), "mode"),
+    "sds": (dict(mode="sds", noise="fresh"), "logit_normal"),
+    "normalized D": (dict(normalization="personalization"), "logit_normal"),
+    "sigma_sqrt loss weighting": (dict(), "sigma_sqrt"),
+    "sigma_sqrt, no rescale": (dict(rescale=False), "sigma_sqrt"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLOW_LOSS_CASES), ids=list(FLOW_LOSS_CASES))
+def test_palp_losses_with_rectified_flow_match_an_independent_reference(lora_unet, case):
+    """palp_losses on a velocity model (the tiny UNet standing in for it): L_pers, L_align's value and the gradient
+    of L_pers + λ·L_align on the LoRA and on y_P, against the flow formulas with autograd through x̂0."""
+    options, weighting_scheme = FLOW_LOSS_CASES[case]
+    config = tp.AlignmentConfig(**options)
+    process = _flow_process(weighting_scheme)
+    latents, noise, cond, cond_clean, uncond = _inputs(seed=6)
+    cond = cond.requires_grad_(True)
+    t1 = torch.tensor([0.3, 0.85]) * 1000
+    t2 = t1.clone() if config.timestep == "same" else torch.tensor([0.7, 0.25]) * 1000
+    noise2 = noise if config.noise == "same" else torch.randn(noise.shape, generator=torch.Generator().manual_seed(9))
+    params = _lora_params(lora_unet) + [cond]
+
+    loss_pers, loss_align = tp.palp_losses(
+        lora_unet, lora_unet, latents, noise, t1, t2, noise2, cond, cond_clean, uncond, process, config
+    )
+    got = torch.autograd.grad(loss_pers + config.weight * loss_align, params)
+    inputs = (latents, noise, noise2, cond, cond_clean, uncond, t1, t2)
+    ref_pers, ref_dds, ref_surrogate = _flow_reference_losses(lora_unet, inputs, config, weighting_scheme)
+    want = torch.autograd.grad(ref_pers + config.weight * ref_dds, params, retain_graph=True)
+    align_only = torch.autograd.grad(ref_dds, params)
+
+    torch.testing.assert_close(loss_pers.detach(), ref_pers.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss_align.detach(), ref_surrogate, atol=1e-6, rtol=1e-4)
+    assert max(g.abs().max().item() for g in align_only) > 1e-4  # the alignment term really contributes
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
