@@ -464,14 +464,20 @@ def test_palp_losses_gradient_matches_an_independent_reference(lora_unet, case, 
     inputs = (alphas, latents, noise, noise2, cond, cond_clean, uncond, t1, t2)
 
     process = _process(prediction_type)
-    loss_pers, loss_align = tp.palp_losses(
+    losses = tp.palp_losses(
         lora_unet, lora_unet, latents, noise, t1, t2, noise2, cond, cond_clean, uncond, process, config
     )
-    got = torch.autograd.grad(loss_pers + config.weight * loss_align, params)
-    ref_pers, ref_dds, ref_surrogate = _reference_losses(lora_unet, inputs, config, prediction_type)
-    want = torch.autograd.grad(ref_pers + config.weight * ref_dds, params, retain_graph=True)
-    align_only = torch.autograd.grad(ref_dds, params)
+    reference = _reference_losses(lora_unet, inputs, config, prediction_type)
+    _assert_losses_match_reference(losses, reference, params, config.weight)
 
+
+def _assert_losses_match_reference(losses, reference, params, weight):
+    """palp_losses' (L_pers, L_align) against a reference's (L_pers, the DDS loss through x̂0, the surrogate's value):
+    both values, and the gradient of L_pers + λ·L_align on ``params``, to which the alignment term contributes."""
+    (loss_pers, loss_align), (ref_pers, ref_dds, ref_surrogate) = losses, reference
+    got = torch.autograd.grad(loss_pers + weight * loss_align, params)
+    want = torch.autograd.grad(ref_pers + weight * ref_dds, params, retain_graph=True)
+    align_only = torch.autograd.grad(ref_dds, params)
     torch.testing.assert_close(loss_pers.detach(), ref_pers.detach(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(loss_align.detach(), ref_surrogate, atol=1e-6, rtol=1e-4)
     assert max(g.abs().max().item() for g in align_only) > 1e-4  # the alignment term really contributes
@@ -847,17 +853,9 @@ def test_palp_losses_with_rectified_flow_match_an_independent_reference(lora_une
     noise2 = noise if config.noise == "same" else torch.randn(noise.shape, generator=torch.Generator().manual_seed(9))
     params = _lora_params(lora_unet) + [cond]
 
-    loss_pers, loss_align = tp.palp_losses(
+    losses = tp.palp_losses(
         lora_unet, lora_unet, latents, noise, t1, t2, noise2, cond, cond_clean, uncond, process, config
     )
-    got = torch.autograd.grad(loss_pers + config.weight * loss_align, params)
     inputs = (latents, noise, noise2, cond, cond_clean, uncond, t1, t2)
-    ref_pers, ref_dds, ref_surrogate = _flow_reference_losses(lora_unet, inputs, config, weighting_scheme)
-    want = torch.autograd.grad(ref_pers + config.weight * ref_dds, params, retain_graph=True)
-    align_only = torch.autograd.grad(ref_dds, params)
-
-    torch.testing.assert_close(loss_pers.detach(), ref_pers.detach(), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(loss_align.detach(), ref_surrogate, atol=1e-6, rtol=1e-4)
-    assert max(g.abs().max().item() for g in align_only) > 1e-4  # the alignment term really contributes
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+    reference = _flow_reference_losses(lora_unet, inputs, config, weighting_scheme)
+    _assert_losses_match_reference(losses, reference, params, config.weight)
