@@ -73,7 +73,11 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import (
+    cast_training_params,
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+)
 from diffusers.utils import (
     convert_state_dict_to_diffusers,
     convert_state_dict_to_kohya,
@@ -821,7 +825,7 @@ def validate_subjects(subjects, target_prompt, clean_prompt):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The PALP mathematics: pure functions of tensors. ᾱ_t below is scheduler.alphas_cumprod[t], broadcast per sample.
+# The PALP mathematics: pure functions of tensors, written once on a noise process (DDPM or rectified flow).
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -830,29 +834,267 @@ def _per_sample(values, like):
     return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
-# Copied from train_palp.add_noise
-def add_noise(x0, noise, alpha_bar):
-    """x_t = √ᾱ_t · x0 + √(1-ᾱ_t) · ε."""
-    a = _per_sample(alpha_bar, x0)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+# Copied from train_palp.NoiseProcess
+class NoiseProcess:
+    """What PALP needs of a noise process: x_t = a_t · x0 + b_t · ε on a (signal, noise) pair (a_t, b_t), per sample.
+
+    DDPM has (a_t, b_t) = (√ᾱ_t, √(1-ᾱ_t)); rectified flow has (1 - σ_t, σ_t). The PALP functions below are written
+    in ε, the one parametrization both share: a subclass says how the model's output becomes ε̂ and x̂0, what the
+    personalization loss trains it towards, the factor that balances L_align against that loss per timestep, and how
+    timesteps are drawn. ``t`` is always the timestep the model is called with.
+
+    The paper's rescale, for any pair: x̂0 = (x_t - b_t1 · ε̂) / a_t1, so ∂x̂0/∂ε̂ = -b_t1/a_t1 and the DDS gradient
+    through x̂0 is -(b_t1/a_t1) · D · ∂ε̂/∂θ. Rescaling by a_t1/b_t1 leaves -D · ∂ε̂/∂θ, the gradient of
+    -⟨sg(D), ε̂⟩, at every t1 (:func:`palp_alignment_loss`); ``x0_epsilon_gain`` is the b_t1/a_t1 that the rescale
+    removes.
+    """
+
+    num_train_timesteps: int
+
+    def coefficients(self, t, like):
+        """(a_t, b_t), shaped to broadcast over ``like``'s samples, in its dtype."""
+        raise NotImplementedError
+
+    def add_noise(self, x0, noise, t):
+        """x_t = a_t · x0 + b_t · ε."""
+        a, b = self.coefficients(t, x0)
+        return a * x0 + b * noise
+
+    def predicted_original_sample(self, x_t, eps, t):
+        """x̂0 = (x_t - b_t · ε̂) / a_t, the one-step clean estimate that goes with ε̂."""
+        a, b = self.coefficients(t, x_t)
+        return (x_t - b * eps) / a
+
+    def epsilon(self, model_output, x_t, t):
+        """ε̂ from what the model outputs."""
+        raise NotImplementedError
+
+    def original_sample(self, model_output, x_t, t):
+        """x̂0 from what the model outputs."""
+        return self.predicted_original_sample(x_t, self.epsilon(model_output, x_t, t), t)
+
+    def target(self, x0, noise, t):
+        """What the personalization loss trains the model's output towards."""
+        raise NotImplementedError
+
+    def personalization_loss(self, model_output, x0, noise, t):
+        """L_pers: the plain mean squared error against :meth:`target`."""
+        return F.mse_loss(model_output.float(), self.target(x0, noise, t).float())
+
+    def noise_variance(self, t):
+        """The variance of x_t's noise part, b_t² (1 - ᾱ_t for DDPM): w(t2) of --alignment_weighting."""
+        raise NotImplementedError
+
+    def alignment_balance(self, t1):
+        """The per-sample factor on L_align that gives it, against L_pers, the balance it has on an ε-model.
+
+        The paper's rescale makes the alignment push uniform across t1 *on ε̂*: there ∂L_pers/∂ε̂ = 2(ε̂ - ε)/N and
+        ∂L_align/∂ε̂ = -w·D/N, a ratio that does not depend on t1. A model whose output o gives ε̂ with
+        ∂ε̂/∂o = g_t (and ε̂ - ε = g_t · (o - target)) and whose loss weights ‖o - target‖² by ω_t has
+        ∂L_pers/∂o = 2ω_t(ε̂ - ε)/(g_t·N) and ∂L_align/∂o = -w·g_t·D/N: the ratio is g_t²/ω_t times the ε-model's.
+        The balance ω_t1/g_t1² restores it, which also keeps λ the ratio of the two pushes on the model's own output
+        when D is normalised to the personalization gradient (--alignment_normalization personalization). It is
+        taken at t1 because ε̂ and x̂0 belong to the personalization pass; t2 only shapes D. It applies with and
+        without --rescale: it converts between parametrizations, the rescale is the ablation.
+        """
+        raise NotImplementedError
+
+    def x0_epsilon_gain(self, t):
+        """b_t / a_t = -∂x̂0/∂ε̂: the factor the paper's rescale removes, kept in with --no-rescale."""
+        raise NotImplementedError
+
+    def sample_timesteps(self, batch, bounds, generator):
+        """``batch`` timesteps inside ``bounds`` (indices of the schedule, [t_min, t_max]), from ``generator``."""
+        raise NotImplementedError
+
+    def check_timestep_bounds(self, t_bounds, flag="--timestep_max_ratio"):
+        """Raise a UserInputError naming ``flag`` when ``t_bounds`` reach a timestep where PALP divides by zero."""
+        raise NotImplementedError
 
 
-# Copied from train_palp.predicted_original_sample
-def predicted_original_sample(x_t, eps, alpha_bar):
-    """x̂0 = (x_t - √(1-ᾱ_t) · ε̂) / √ᾱ_t, the model's one-step clean estimate."""
-    a = _per_sample(alpha_bar, x_t)
-    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+# Copied from train_palp.DDPMProcess
+class DDPMProcess(NoiseProcess):
+    """DDPM on the schedule ᾱ_t (``scheduler.alphas_cumprod``): x_t = √ᾱ_t · x0 + √(1-ᾱ_t) · ε, t an integer index.
+
+    ``prediction_type`` is the scheduler's: 'epsilon' (the model outputs ε̂) or 'v_prediction' (SD 2.x 768 px:
+    v̂ ≈ √ᾱ_t · ε - √(1-ᾱ_t) · x0, hence ε̂ = √ᾱ_t · v̂ + √(1-ᾱ_t) · x_t). t1 and t2 are drawn uniformly.
+    """
+
+    def __init__(self, alphas_cumprod, prediction_type="epsilon"):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"Unsupported prediction_type {prediction_type!r}: PALP needs 'epsilon' or 'v_prediction'."
+            )
+        self.alphas_cumprod = alphas_cumprod
+        self.prediction_type = prediction_type
+        self.num_train_timesteps = len(alphas_cumprod)
+
+    def coefficients(self, t, like):
+        a = _per_sample(self.alphas_cumprod[t], like)
+        return a.sqrt(), (1 - a).sqrt()
+
+    def epsilon(self, model_output, x_t, t):
+        if self.prediction_type == "epsilon":
+            return model_output
+        a, b = self.coefficients(t, x_t)
+        return a * model_output + b * x_t
+
+    def target(self, x0, noise, t):
+        if self.prediction_type == "epsilon":
+            return noise
+        a, b = self.coefficients(t, x0)
+        return a * noise - b * x0
+
+    def noise_variance(self, t):
+        return 1 - self.alphas_cumprod[t]
+
+    def alignment_balance(self, t1):
+        """1 for an ε-model (g = 1); 1/ᾱ_t1 for a v-model, whose g_t1 = √ᾱ_t1.
+
+        Without it, the alignment push on v̂ would shrink with √ᾱ_t1 (13× smaller at t1 = 0.98T than at 0.02T on
+        SD's schedule) while L_pers's grows with 1/√ᾱ_t1: relative to L_pers the alignment term would be 168× weaker
+        at 0.98T than at 0.02T.
+        """
+        alpha_bar = self.alphas_cumprod[t1].float()
+        if self.prediction_type == "v_prediction":
+            return 1.0 / alpha_bar
+        return torch.ones_like(alpha_bar)
+
+    def x0_epsilon_gain(self, t):
+        alpha_bar = self.alphas_cumprod[t]
+        return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+    def sample_timesteps(self, batch, bounds, generator):
+        t_min, t_max = bounds
+        return torch.randint(t_min, t_max + 1, (batch,), generator=generator)
+
+    def check_timestep_bounds(self, t_bounds, flag="--timestep_max_ratio"):
+        """x̂0 divides by √ᾱ_t1 and the rescale by ᾱ_t1: a zero-terminal-SNR schedule (ᾱ_{T-1} = 0) must not be
+        sampled at its last step."""
+        t_min, t_max = t_bounds
+        if self.alphas_cumprod[t_max] > 0:
+            return
+        usable = int(torch.nonzero(self.alphas_cumprod > 0).max())
+        raise UserInputError(
+            f"{flag} reaches t={t_max}, where this model's noise schedule has ᾱ_t = 0 (a zero-terminal-SNR "
+            f"schedule): PALP's x̂0 would divide by zero. Use {flag} {usable / self.num_train_timesteps:.3f} "
+            f"or lower (the default 0.98 is fine)."
+            + ("" if self.alphas_cumprod[t_min] > 0 else f" Lower {flag.replace('max', 'min')} too.")
+        )
 
 
-# Copied from train_palp.epsilon_from_model_output
-def epsilon_from_model_output(model_output, x_t, alpha_bar, prediction_type):
-    """PALP's mathematics is written in ε; a v-prediction model (SD 2.x 768 px) is converted: ε = √ᾱ·v + √(1-ᾱ)·x_t."""
-    if prediction_type == "epsilon":
-        return model_output
-    if prediction_type == "v_prediction":
-        a = _per_sample(alpha_bar, x_t)
-        return a.sqrt() * model_output + (1 - a).sqrt() * x_t
-    raise ValueError(f"Unsupported prediction_type {prediction_type!r}: PALP needs 'epsilon' or 'v_prediction'.")
+# Copied from train_palp.RectifiedFlowProcess
+class RectifiedFlowProcess(NoiseProcess):
+    """Rectified flow (SD3): x_t = (1 - σ) · x0 + σ · ε with σ = t/T, and a model that outputs the velocity
+    v̂ ≈ ε - x0. From one output: x̂0 = x_t - σ · v̂ and ε̂ = x_t + (1 - σ) · v̂.
+
+    ``sigmas`` is the training table in ascending order (index i holds the i-th smallest σ, so the --timestep_*_ratio
+    bounds keep their meaning: small t, little noise); the model is called with t = σ · T, as diffusers'
+    FlowMatchEulerDiscreteScheduler holds its timesteps. L_pers is the flow-matching loss of diffusers' SD3
+    DreamBooth-LoRA script, ω(σ) · ‖v̂ - (ε - x0)‖² with ω from ``compute_loss_weighting_for_sd3``, and t1 is drawn
+    from that script's density (``compute_density_for_timestep_sampling``: logit-normal by default, over the
+    scheduler's shifted σ). t2 follows the same rule, drawn independently over its own bounds (or t2 = t1 with
+    --alignment_timestep same): the DDPM default carried over, an independent draw from t1's distribution, which puts
+    the pre-trained model's D where the model was trained most. Where t2 should land for flow models is to be
+    measured.
+
+    What the paper's rescale becomes: the DDS gradient through x̂0 is D · ∂x̂0/∂θ = -σ1 · D · ∂v̂/∂θ, and since
+    ∂ε̂/∂θ = (1 - σ1) · ∂v̂/∂θ this is -(σ1/(1 - σ1)) · D · ∂ε̂/∂θ. The rescale is (1 - σ1)/σ1 (the ε-model's
+    √ᾱ/√(1-ᾱ) with (√ᾱ, √(1-ᾱ)) replaced by (1 - σ, σ)) and the surrogate stays -⟨sg(D), ε̂⟩, whose push on v̂ is
+    (1 - σ1) · D. D stays in ε units: the guided ε-predictions at x̂_t2 differ by (1 - σ2)(v^α_pre - v^β_per), the
+    x_t2 term cancelling.
+
+    The balance against L_pers (see :meth:`NoiseProcess.alignment_balance`): ε̂ - ε = (1 - σ1)(v̂ - (ε - x0)), so
+    g = 1 - σ1 and the balance is ω(σ1)/(1 - σ1)². Per element the two gradients on v̂ are then
+    2ω(v̂ - v)/N = 2ω(ε̂ - ε)/((1 - σ1)N) and -w·ω·D/((1 - σ1)N): their ratio is the ε-model's, -w·D/(2(ε̂ - ε)), at
+    every σ1, so λ means what it means for SD 1.x/2.x and SDXL. The cost: both pushes on v̂ grow as 1/(1 - σ1) where
+    the ε-picture does (at σ1 = 0.98, 50×), which is why σ = 1 is refused and the t bounds stay in force.
+    """
+
+    def __init__(self, sigmas, weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
+        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+        self.num_train_timesteps = len(self.sigmas)
+        self.weighting_scheme = weighting_scheme
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+
+    @classmethod
+    def from_scheduler(cls, scheduler, **density):
+        """The training table of a FlowMatchEulerDiscreteScheduler's config: σ = i/T for i = 1 … T, shifted by
+        ``shift`` as σ' = shift·σ / (1 + (shift - 1)·σ), exactly as the scheduler builds it before set_timesteps."""
+        config = scheduler.config
+        if config.get("use_dynamic_shifting"):
+            raise ValueError("A resolution-dependent shift (use_dynamic_shifting) has no fixed training table.")
+        steps = config.num_train_timesteps
+        sigmas = torch.linspace(1, steps, steps, dtype=torch.float32) / steps
+        shift = config.get("shift", 1.0)
+        return cls(shift * sigmas / (1 + (shift - 1) * sigmas), **density)
+
+    def sigma(self, t):
+        return t / self.num_train_timesteps
+
+    def coefficients(self, t, like):
+        sigma = _per_sample(self.sigma(t), like)
+        return 1 - sigma, sigma
+
+    def epsilon(self, model_output, x_t, t):
+        a, _ = self.coefficients(t, x_t)
+        return x_t + a * model_output
+
+    def original_sample(self, model_output, x_t, t):
+        _, b = self.coefficients(t, x_t)
+        return x_t - b * model_output
+
+    def target(self, x0, noise, t):
+        return noise - x0
+
+    def loss_weighting(self, t):
+        """ω(σ) of diffusers' SD3 script (1 for its default logit-normal density)."""
+        return compute_loss_weighting_for_sd3(self.weighting_scheme, self.sigma(t).float())
+
+    def personalization_loss(self, model_output, x0, noise, t):
+        weight = _per_sample(self.loss_weighting(t), model_output).float()
+        error = (model_output.float() - self.target(x0, noise, t).float()) ** 2
+        return (weight * error).flatten(1).mean(dim=1).mean()
+
+    def noise_variance(self, t):
+        return self.sigma(t) ** 2
+
+    def alignment_balance(self, t1):
+        return self.loss_weighting(t1) / (1 - self.sigma(t1).float()) ** 2
+
+    def x0_epsilon_gain(self, t):
+        sigma = self.sigma(t)
+        return sigma / (1 - sigma)
+
+    def sample_timesteps(self, batch, bounds, generator):
+        """u from diffusers' density, then σ at index t_max - ⌊u·n⌋ of the n = t_max - t_min + 1 allowed ones: on
+        the full table (0, T - 1) this is the SD3 script's draw, ``timesteps[⌊u·T⌋]`` of the descending schedule;
+        narrower bounds squeeze the same density onto their range."""
+        t_min, t_max = bounds
+        u = compute_density_for_timestep_sampling(
+            self.weighting_scheme,
+            batch,
+            logit_mean=self.logit_mean,
+            logit_std=self.logit_std,
+            mode_scale=self.mode_scale,
+            generator=generator,
+        )
+        count = t_max - t_min + 1
+        index = t_max - (u * count).long().clamp(0, count - 1)
+        return self.sigmas[index] * self.num_train_timesteps
+
+    def check_timestep_bounds(self, t_bounds, flag="--timestep_max_ratio"):
+        """At σ = 1 x_t holds no signal: ε̂ = x_t carries no gradient and the balance divides by 1 - σ = 0, the flow
+        counterpart of a zero-terminal-SNR schedule's last step."""
+        t_min, t_max = t_bounds
+        if self.sigmas[t_max] < 1:
+            return
+        usable = int(torch.nonzero(self.sigmas < 1).max())
+        raise UserInputError(
+            f"{flag} reaches t={t_max}, where σ = 1 (pure noise): PALP's balance would divide by 1 - σ = 0. Use "
+            f"{flag} {usable / self.num_train_timesteps:.3f} or lower (the default 0.98 is fine)."
+            + ("" if self.sigmas[t_min] < 1 else f" Lower {flag.replace('max', 'min')} too.")
+        )
 
 
 # Copied from train_palp.classifier_free_guidance
@@ -913,36 +1155,15 @@ def project_off_direction(direction, axis):
 
 
 # Copied from train_palp.alignment_timestep_weight
-def alignment_timestep_weight(alpha_bar_t2, weighting):
-    """w(t2): 1 ('uniform'), or 1 - ᾱ_t2 ('one_minus_alpha_bar')."""
+def alignment_timestep_weight(process, t2, weighting):
+    """w(t2): 1 ('uniform'), or the variance of x_t2's noise part ('one_minus_alpha_bar': 1 - ᾱ_t2 for DDPM, σ_t2²
+    for rectified flow)."""
+    noise_variance = process.noise_variance(t2)
     if weighting == "uniform":
-        return torch.ones_like(alpha_bar_t2)
+        return torch.ones_like(noise_variance)
     if weighting == "one_minus_alpha_bar":
-        return 1 - alpha_bar_t2
+        return noise_variance
     raise ValueError(f"Unknown alignment weighting {weighting!r}")
-
-
-# Copied from train_palp.prediction_type_balance
-def prediction_type_balance(alpha_bar_t1, prediction_type):
-    """The factor that gives a v-prediction model the per-timestep balance of L_pers and L_align of an ε-model.
-
-    The paper's rescale makes the alignment push on the model's output uniform across t1 *for an ε-model*: on the
-    output ε̂, ∂L_pers/∂ε̂ = 2(ε̂ - ε)/N and ∂L_align/∂ε̂ = -w·D/N, so their ratio does not depend on t1.
-    A v-prediction model outputs v̂, with ε̂ = √ᾱ_t1 · v̂ + √(1-ᾱ_t1) · x_t1, hence ε̂ - ε = √ᾱ_t1 · (v̂ - v):
-
-        L_pers = mean ‖v̂ - v‖² = mean ‖ε̂ - ε‖² / ᾱ_t1     →  ∂L_pers/∂v̂  = 2(ε̂ - ε) / (√ᾱ_t1 · N)
-        L_align = -w · mean(sg(D) · ε̂)                     →  ∂L_align/∂v̂ = -w · √ᾱ_t1 · D / N
-
-    Their ratio is ᾱ_t1 times the ε-model's: the alignment push on v̂ shrinks with √ᾱ_t1 (13× smaller at
-    t1 = 0.98T than at 0.02T on SD's schedule) while L_pers's grows with 1/√ᾱ_t1, so relative to L_pers the alignment
-    term would be 168× weaker at 0.98T than at 0.02T. Multiplying L_align by 1/ᾱ_t1 makes both terms
-    carry the same 1/√ᾱ_t1 (the v-loss's own per-timestep weight) and restores the ε-model's ratio exactly. The
-    factor is taken at t1 because ε̂ (and x̂0) belong to the personalization pass at t1; t2 only shapes D.
-    It applies with and without --rescale: it converts between parametrizations, the rescale is the ablation.
-    """
-    if prediction_type == "v_prediction":
-        return 1.0 / alpha_bar_t1
-    return torch.ones_like(alpha_bar_t1)
 
 
 # Copied from train_palp.normalize_direction
@@ -987,21 +1208,22 @@ def alignment_ramp(step, warmup_steps):
 
 
 # Copied from train_palp.palp_alignment_loss
-def palp_alignment_loss(eps_hat, direction, alpha_bar_t1, weight, rescale=True, prediction_type="epsilon"):
+def palp_alignment_loss(eps_hat, direction, process, t1, weight, rescale=True):
     """L_align = -w(t2) · mean(sg(D) · ε̂), PALP's surrogate for the DDS gradient.
 
-    The DDS gradient on the sample is D, applied through x̂0:
-        ∇_θ = D · ∂x̂0/∂θ = -(√(1-ᾱ_t1)/√ᾱ_t1) · D · ∂ε̂/∂θ.
-    With the paper's rescale by √ᾱ_t1/√(1-ᾱ_t1) every timestep gets an update of the same size and
+    The DDS gradient on the sample is D, applied through x̂0 = (x_t1 - b_t1 · ε̂) / a_t1:
+        ∇_θ = D · ∂x̂0/∂θ = -(b_t1/a_t1) · D · ∂ε̂/∂θ       (DDPM: b/a = √(1-ᾱ_t1)/√ᾱ_t1; flow: σ1/(1 - σ1)).
+    With the paper's rescale by a_t1/b_t1 every timestep gets an update of the same size and
     ∇_θ = -D · ∂ε̂/∂θ, the gradient of -⟨sg(D), ε̂⟩. Descent moves ε̂ along +D, hence x̂0 along -D: towards the
     pre-trained model's picture of the clean prompt, away from the personalized model's habit. Without the rescale
-    the factor √(1-ᾱ_t1)/√ᾱ_t1 stays in. Only ε̂ carries a gradient: D is detached here whatever the caller passed.
-    A v-prediction model gets the extra factor 1/ᾱ_t1 of :func:`prediction_type_balance`.
+    the factor b_t1/a_t1 stays in. Only ε̂ carries a gradient: D is detached here whatever the caller passed.
+    A model that does not output ε̂ itself (v-prediction, rectified flow) gets the process's balance at t1
+    (:meth:`NoiseProcess.alignment_balance`).
     """
     eps_hat = eps_hat.float()
-    scale = weight.float() * prediction_type_balance(alpha_bar_t1.float(), prediction_type)
+    scale = weight.float() * process.alignment_balance(t1)
     if not rescale:
-        scale = scale * ((1 - alpha_bar_t1) / alpha_bar_t1).sqrt().float()
+        scale = scale * process.x0_epsilon_gain(t1).float()
     per_sample = (direction.detach().float() * eps_hat).flatten(1).mean(dim=1)
     return -(scale * per_sample).mean()
 
@@ -1130,26 +1352,27 @@ class Conditioning:
 
 
 # Copied from train_palp.batched_epsilon
-def batched_epsilon(unet, x_t, t, conds, alpha_bar, prediction_type):
+def batched_epsilon(unet, x_t, t, conds, process):
     """[ε(x_t, t, c) for c in conds], gradient-free, in one batched call. Each Conditioning has the batch of x_t."""
     n = len(conds)
     both = Conditioning.cat([Conditioning.of(c) for c in conds])
-    x = torch.cat([x_t] * n)
-    out = unet(x, torch.cat([t] * n), **both.unet_kwargs()).sample
-    return epsilon_from_model_output(out.float(), x.float(), alpha_bar.repeat(n), prediction_type).chunk(n)
+    x, ts = torch.cat([x_t] * n), torch.cat([t] * n)
+    out = unet(x, ts, **both.unet_kwargs()).sample
+    return process.epsilon(out.float(), x.float(), ts).chunk(n)
 
 
 # Copied from train_palp.guided_epsilon
-def guided_epsilon(unet, x_t, t, cond, uncond, scale, alpha_bar, prediction_type):
+def guided_epsilon(unet, x_t, t, cond, uncond, scale, process):
     """ε^scale(x_t, t, cond), gradient-free. The conditional and unconditional passes run as one batched call;
     with scale 1 the unconditional pass is skipped (ε^1 = ε(cond)). ``cond`` and ``uncond`` are Conditionings
-    (or hidden-state tensors); ``uncond`` has batch dimension 1."""
+    (or hidden-state tensors); ``uncond`` has batch dimension 1. Guidance is affine and so is ε̂ in the model's
+    output, so guiding ε̂ is guiding the output (v^s = v_∅ + s · (v_c - v_∅) for a velocity model)."""
     cond = Conditioning.of(cond)
     if scale == 1.0:
         out = unet(x_t, t, **cond.unet_kwargs()).sample
-        return epsilon_from_model_output(out.float(), x_t.float(), alpha_bar, prediction_type)
+        return process.epsilon(out.float(), x_t.float(), t)
     uncond = Conditioning.of(uncond).to(cond.hidden.dtype).expand(x_t.shape[0])
-    eps_cond, eps_uncond = batched_epsilon(unet, x_t, t, [cond, uncond], alpha_bar, prediction_type)
+    eps_cond, eps_uncond = batched_epsilon(unet, x_t, t, [cond, uncond], process)
     return classifier_free_guidance(eps_uncond, eps_cond, scale)
 
 
@@ -1165,8 +1388,7 @@ def palp_losses(
     cond_personal,
     cond_clean,
     uncond,
-    alphas_cumprod,
-    prediction_type,
+    process,
     config,
     cond_class=None,
     cond_teacher=None,
@@ -1178,26 +1400,23 @@ def palp_losses(
     ``cond_clean`` and ``uncond`` are fixed embeddings of y_c and ∅ with batch dimension 1. ``cond_class`` is ỹ_P
     per sample (y_P with the class phrase for the token), needed by ``class_delta`` and the identity projection;
     ``cond_teacher`` the target prompt with the learned token, batch dimension 1, needed by ``teacher``. All are
-    Conditionings (or hidden-state tensors), whatever the model family.
+    Conditionings (or hidden-state tensors), whatever the model family. ``process`` is the noise process
+    (:class:`DDPMProcess` or :class:`RectifiedFlowProcess`): it noises, reads ε̂ and x̂0 off the model's output and
+    supplies the personalization loss and the balance; everything here is written in ε.
     """
     cond_personal, cond_clean = Conditioning.of(cond_personal), Conditioning.of(cond_clean)
-    a1, a2 = alphas_cumprod[t1], alphas_cumprod[t2]
-    x_t1 = add_noise(latents, noise, a1)
+    x_t1 = process.add_noise(latents, noise, t1)
     model_output = unet(x_t1, t1, **cond_personal.unet_kwargs()).sample
-    if prediction_type == "v_prediction":
-        target = _per_sample(a1, latents).sqrt() * noise - (1 - _per_sample(a1, latents)).sqrt() * latents
-    else:
-        target = noise
-    loss_pers = F.mse_loss(model_output.float(), target.float())
+    loss_pers = process.personalization_loss(model_output, latents, noise, t1)
     if config.mode == "none" or config.weight == 0:
         return loss_pers, torch.zeros_like(loss_pers)
 
     # The alignment branch starts from the personalized model's one-step clean estimate x̂0 of this very forward
-    # pass, re-noised under stop-gradient: x̂_t2 = √ᾱ_t2 · sg(x̂0) + √(1-ᾱ_t2) · ε2. Everything in it is gradient-free.
-    eps_hat = epsilon_from_model_output(model_output.float(), x_t1.float(), a1, prediction_type)
+    # pass, re-noised under stop-gradient: x̂_t2 = a_t2 · sg(x̂0) + b_t2 · ε2. Everything in it is gradient-free.
+    eps_hat = process.epsilon(model_output.float(), x_t1.float(), t1)
     with torch.no_grad():
-        x0_hat = predicted_original_sample(x_t1.float(), eps_hat, a1)
-        x_t2 = add_noise(x0_hat, noise2.float(), a2).to(latents.dtype)
+        x0_hat = process.original_sample(model_output.float(), x_t1.float(), t1)
+        x_t2 = process.add_noise(x0_hat, noise2.float(), t2).to(latents.dtype)
         batch = latents.shape[0]
         if config.mode == "class_delta":
             # Both terms from the pre-trained model (the same UNet, LoRA off), on [y_c, ỹ_P] in one batched call.
@@ -1207,8 +1426,7 @@ def palp_losses(
                     x_t2,
                     t2,
                     [cond_clean.expand(batch), Conditioning.of(cond_class).for_alignment()],
-                    a2,
-                    prediction_type,
+                    process,
                 )
             direction = class_delta_direction(eps_clean, eps_class, config.guidance_scale_pretrained)
         else:
@@ -1223,8 +1441,7 @@ def palp_losses(
                     cond_pre.expand(batch),
                     uncond,
                     config.guidance_scale_pretrained,
-                    a2,
-                    prediction_type,
+                    process,
                 )
             g_per = None
             if config.mode in ("dds", "teacher"):
@@ -1237,8 +1454,7 @@ def palp_losses(
                         cond_personal.for_alignment(),
                         uncond,
                         config.guidance_scale_personalized,
-                        a2,
-                        prediction_type,
+                        process,
                     )
             direction = alignment_direction(config.mode, g_pre, g_per, noise2.float())
         if config.projection == "identity":
@@ -1248,16 +1464,15 @@ def palp_losses(
                     x_t2,
                     t2,
                     [cond_personal.for_alignment(), Conditioning.of(cond_class).for_alignment()],
-                    a2,
-                    prediction_type,
+                    process,
                 )
             direction = project_off_direction(direction, eps_personal - eps_class)
         if config.projection == "residual":
             direction = project_off_residual(direction, eps_hat - noise.float())
         if config.normalization == "personalization":
             direction = normalize_direction(direction, 2 * (eps_hat - noise.float()))
-    weight = alignment_timestep_weight(a2, config.weighting)
-    loss_align = palp_alignment_loss(eps_hat, direction, a1, weight, config.rescale, prediction_type)
+    weight = alignment_timestep_weight(process, t2, config.weighting)
+    loss_align = palp_alignment_loss(eps_hat, direction, process, t1, weight, config.rescale)
     return loss_pers, loss_align
 
 
@@ -1270,32 +1485,15 @@ def timestep_bounds(num_train_timesteps, min_ratio, max_ratio):
     return t_min, max(t_min, t_max)
 
 
-# Copied from train_palp.check_timestep_bounds
-def check_timestep_bounds(alphas_cumprod, t_bounds, num_train_timesteps, flag="--timestep_max_ratio"):
-    """x̂0 divides by √ᾱ_t1 and the rescale by ᾱ_t1: a zero-terminal-SNR schedule (ᾱ_{T-1} = 0) must not be sampled
-    at its last step. Raised before training, naming the flag to lower."""
-    t_min, t_max = t_bounds
-    if alphas_cumprod[t_max] > 0:
-        return
-    usable = int(torch.nonzero(alphas_cumprod > 0).max())
-    raise UserInputError(
-        f"{flag} reaches t={t_max}, where this model's noise schedule has ᾱ_t = 0 (a zero-terminal-SNR "
-        f"schedule): PALP's x̂0 would divide by zero. Use {flag} {usable / num_train_timesteps:.3f} "
-        f"or lower (the default 0.98 is fine)."
-        + ("" if alphas_cumprod[t_min] > 0 else f" Lower {flag.replace('max', 'min')} too.")
-    )
-
-
 # Copied from train_palp.sample_step_noise
-def sample_step_noise(latent_shape, t_bounds, config, generator, t2_bounds=None):
+def sample_step_noise(latent_shape, process, t_bounds, config, generator, t2_bounds=None):
     """ε, t1, t2 and ε2 for one step, all from the step's own generator (so a resumed run draws the same).
-    ``t2_bounds`` (default: ``t_bounds``) is the alignment branch's own range."""
+    ``t2_bounds`` (default: ``t_bounds``) is the alignment branch's own range. t1 and t2 are independent draws of the
+    process's rule (uniform for DDPM, the SD3 density for rectified flow), each over its own range."""
     batch = latent_shape[0]
-    t_min, t_max = t_bounds
-    t2_min, t2_max = t2_bounds or t_bounds
     noise = torch.randn(latent_shape, generator=generator)
-    t1 = torch.randint(t_min, t_max + 1, (batch,), generator=generator)
-    t2 = torch.randint(t2_min, t2_max + 1, (batch,), generator=generator)
+    t1 = process.sample_timesteps(batch, t_bounds, generator)
+    t2 = process.sample_timesteps(batch, t2_bounds or t_bounds, generator)
     noise2 = torch.randn(latent_shape, generator=generator)
     if config.timestep == "same":
         t2 = t1
@@ -1830,6 +2028,13 @@ def check_ddpm_model(args, model_index):
             "unnormalised latents: give a DDPM-trained base model (SD 1.x/2.x or SDXL) and a VAE without latents "
             "statistics."
         )
+
+
+# Copied from train_palp.ddpm_process
+def ddpm_process(noise_scheduler, device=None):
+    """The DDPM noise process of a DDPMScheduler: its ᾱ_t (as float32, on ``device``) and its prediction type."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    return DDPMProcess(alphas_cumprod, noise_scheduler.config.prediction_type)
 
 
 # Copied from train_palp.read_config
@@ -2686,9 +2891,11 @@ class TrainingRun:
         return {"all": self.trainable, "lora": lora, "token": self.conditioner.trainable_rows}[self.alignment.gradient]
 
     @functools.cached_property
-    def alphas_cumprod(self):
-        """ᾱ_t on the training device, copied there once rather than every step."""
-        return self.noise_scheduler.alphas_cumprod.to(device=self.accelerator.device, dtype=torch.float32)
+    def noise_process(self):
+        """The model's noise process, its ᾱ_t on the training device, copied there once rather than every step.
+        Only DDPM (SD 1.x/2.x, SDXL) is detected from a model folder so far; RectifiedFlowProcess has no model
+        family that reaches it from the command line yet."""
+        return ddpm_process(self.noise_scheduler, self.accelerator.device)
 
     @functools.cached_property
     def t_bounds(self):
@@ -2704,13 +2911,16 @@ class TrainingRun:
 # Copied from train_palp.training_step
 def training_step(run, micro_step):
     """One micro-batch: draw it, compute L_pers + λ·L_align, back-propagate once, step when accumulation is done."""
-    accelerator, scheduler = run.accelerator, run.noise_scheduler
+    accelerator = run.accelerator
     device = accelerator.device
     with accelerator.accumulate(run.unet, *run.conditioner.text_encoders):
         generator = step_generator(run.seed, accelerator.process_index, micro_step)
         seed_global_rng(run.seed, accelerator.process_index, micro_step)
         latents, geometry, personal_ids = run.sample_batch(micro_step, generator)
-        noise, t1, t2, noise2 = sample_step_noise(latents.shape, run.t_bounds, run.alignment, generator, run.t2_bounds)
+        process = run.noise_process
+        noise, t1, t2, noise2 = sample_step_noise(
+            latents.shape, process, run.t_bounds, run.alignment, generator, run.t2_bounds
+        )
         with accelerator.autocast():
             cond_personal = run.conditioner.encode(tuple(ids.to(device) for ids in personal_ids), geometry)
             cond_class = run.class_conditioning(personal_ids) if run.class_conditioning else None
@@ -2729,8 +2939,7 @@ def training_step(run, micro_step):
                 cond_personal,
                 run.cond_clean,
                 run.uncond,
-                run.alphas_cumprod,
-                scheduler.config.prediction_type,
+                process,
                 run.alignment,
                 cond_class,
                 cond_teacher,
@@ -2928,7 +3137,7 @@ def build_run(
         (alignment_timestep_ratios(args), "--alignment_timestep_max_ratio"),
     ):
         bounds = timestep_bounds(num_train_timesteps, *ratios)
-        check_timestep_bounds(noise_scheduler.alphas_cumprod, bounds, num_train_timesteps, flag)
+        ddpm_process(noise_scheduler).check_timestep_bounds(bounds, flag)
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = build_optimizer(args, lora_params, conditioner.trainable_rows, accelerator.num_processes)
     lr_scheduler = get_scheduler(

@@ -60,7 +60,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
@@ -584,7 +583,7 @@ class StepOptions:
 
     losses: Callable = tp.palp_losses
     reencode_ids: tuple = None  # token ids of [y_c, ∅] per encoder: encode them inside every step ('before')
-    hoisted: dict = None  # precomputed alphas_cumprod and timestep bounds ('hoisted')
+    hoisted: dict = None  # precomputed noise process (its ᾱ_t on the device) and timestep bounds ('hoisted')
 
 
 def benchmark_step(run, micro_step, options=None):
@@ -596,13 +595,13 @@ def benchmark_step(run, micro_step, options=None):
         generator = tp.step_generator(run.seed, accelerator.process_index, micro_step)
         latents, geometry, personal_ids = run.sample_batch(micro_step, generator)
         if options.hoisted is not None:
-            t_bounds, alphas_cumprod = options.hoisted["t_bounds"], options.hoisted["alphas_cumprod"]
+            t_bounds, process = options.hoisted["t_bounds"], options.hoisted["process"]
         else:
             t_bounds = tp.timestep_bounds(
                 scheduler.config.num_train_timesteps, run.args.timestep_min_ratio, run.args.timestep_max_ratio
             )
-            alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-        noise, t1, t2, noise2 = tp.sample_step_noise(latents.shape, t_bounds, run.alignment, generator)
+            process = tp.ddpm_process(scheduler, device)
+        noise, t1, t2, noise2 = tp.sample_step_noise(latents.shape, process, t_bounds, run.alignment, generator)
         # Pinned host memory lets the copies run without stopping the host until the device is idle.
         non_blocking = options.hoisted is not None and device.type == "cuda"
         if non_blocking:
@@ -625,8 +624,7 @@ def benchmark_step(run, micro_step, options=None):
                 cond_personal,
                 cond_clean,
                 uncond,
-                alphas_cumprod,
-                scheduler.config.prediction_type,
+                process,
                 run.alignment,
             )
         loss = loss_pers + run.alignment.weight * loss_align
@@ -639,30 +637,24 @@ def benchmark_step(run, micro_step, options=None):
     return loss, loss_pers, loss_align
 
 
-def guided_epsilon_unbatched(unet, x_t, t, cond, uncond, scale, alpha_bar, prediction_type):
+def guided_epsilon_unbatched(unet, x_t, t, cond, uncond, scale, process):
     """'before' of the batched CFG pair: ε(y) and ε(∅) as two UNet calls."""
     if scale == 1.0:
-        return tp.guided_epsilon(unet, x_t, t, cond, uncond, scale, alpha_bar, prediction_type)
+        return tp.guided_epsilon(unet, x_t, t, cond, uncond, scale, process)
     cond = tp.Conditioning.of(cond)
     uncond = tp.Conditioning.of(uncond).to(cond.hidden.dtype).expand(x_t.shape[0])
-    eps_cond = tp.epsilon_from_model_output(
-        unet(x_t, t, **cond.unet_kwargs()).sample.float(), x_t.float(), alpha_bar, prediction_type
-    )
-    eps_uncond = tp.epsilon_from_model_output(
-        unet(x_t, t, **uncond.unet_kwargs()).sample.float(), x_t.float(), alpha_bar, prediction_type
-    )
+    eps_cond = process.epsilon(unet(x_t, t, **cond.unet_kwargs()).sample.float(), x_t.float(), t)
+    eps_uncond = process.epsilon(unet(x_t, t, **uncond.unet_kwargs()).sample.float(), x_t.float(), t)
     return tp.classifier_free_guidance(eps_uncond, eps_cond, scale)
 
 
-def guided_epsilon_no_skip(unet, x_t, t, cond, uncond, scale, alpha_bar, prediction_type):
+def guided_epsilon_no_skip(unet, x_t, t, cond, uncond, scale, process):
     """'before' of the β = 1 shortcut: the batched pair runs even though ε^1 = ε(cond)."""
     batch = x_t.shape[0]
     cond = tp.Conditioning.of(cond)
     both = tp.Conditioning.cat([cond, tp.Conditioning.of(uncond).to(cond.hidden.dtype).expand(batch)])
     out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), **both.unet_kwargs()).sample
-    eps = tp.epsilon_from_model_output(
-        out.float(), torch.cat([x_t, x_t]).float(), alpha_bar.repeat(2), prediction_type
-    )
+    eps = process.epsilon(out.float(), torch.cat([x_t, x_t]).float(), torch.cat([t, t]))
     eps_cond, eps_uncond = eps.chunk(2)
     return tp.classifier_free_guidance(eps_uncond, eps_cond, scale)
 
@@ -686,33 +678,24 @@ def palp_losses_with(guided=tp.guided_epsilon, pretrained_unet=None):
         cond_personal,
         cond_clean,
         uncond,
-        alphas_cumprod,
-        prediction_type,
+        process,
         config,
     ):
         cond_personal, cond_clean = tp.Conditioning.of(cond_personal), tp.Conditioning.of(cond_clean)
-        a1, a2 = alphas_cumprod[t1], alphas_cumprod[t2]
-        x_t1 = tp.add_noise(latents, noise, a1)
+        x_t1 = process.add_noise(latents, noise, t1)
         model_output = unet(x_t1, t1, **cond_personal.unet_kwargs()).sample
-        if prediction_type == "v_prediction":
-            a = tp._per_sample(a1, latents)
-            target = a.sqrt() * noise - (1 - a).sqrt() * latents
-        else:
-            target = noise
-        loss_pers = F.mse_loss(model_output.float(), target.float())
+        loss_pers = process.personalization_loss(model_output, latents, noise, t1)
         if config.mode == "none" or config.weight == 0:
             return loss_pers, torch.zeros_like(loss_pers)
-        eps_hat = tp.epsilon_from_model_output(model_output.float(), x_t1.float(), a1, prediction_type)
+        eps_hat = process.epsilon(model_output.float(), x_t1.float(), t1)
         with torch.no_grad():
-            x0_hat = tp.predicted_original_sample(x_t1.float(), eps_hat, a1)
-            x_t2 = tp.add_noise(x0_hat, noise2.float(), a2).to(latents.dtype)
+            x0_hat = process.original_sample(model_output.float(), x_t1.float(), t1)
+            x_t2 = process.add_noise(x0_hat, noise2.float(), t2).to(latents.dtype)
             batch = latents.shape[0]
             clean = cond_clean.expand(batch)
             if pretrained_unet is None:
                 with tp.lora_disabled(base_unet):
-                    g_pre = guided(
-                        base_unet, x_t2, t2, clean, uncond, config.guidance_scale_pretrained, a2, prediction_type
-                    )
+                    g_pre = guided(base_unet, x_t2, t2, clean, uncond, config.guidance_scale_pretrained, process)
             else:
                 with torch.autocast(x_t2.device.type, enabled=False):
                     g_pre = guided(
@@ -722,8 +705,7 @@ def palp_losses_with(guided=tp.guided_epsilon, pretrained_unet=None):
                         clean.to(torch.float32),
                         tp.Conditioning.of(uncond).to(torch.float32),
                         config.guidance_scale_pretrained,
-                        a2,
-                        prediction_type,
+                        process,
                     )
             g_per = None
             if config.mode == "dds":
@@ -734,12 +716,11 @@ def palp_losses_with(guided=tp.guided_epsilon, pretrained_unet=None):
                     cond_personal.for_alignment(),
                     uncond,
                     config.guidance_scale_personalized,
-                    a2,
-                    prediction_type,
+                    process,
                 )
             direction = tp.alignment_direction(config.mode, g_pre, g_per, noise2.float())
-        weight = tp.alignment_timestep_weight(a2, config.weighting)
-        loss_align = tp.palp_alignment_loss(eps_hat, direction, a1, weight, config.rescale)
+        weight = tp.alignment_timestep_weight(process, t2, config.weighting)
+        loss_align = tp.palp_alignment_loss(eps_hat, direction, process, t1, weight, config.rescale)
         return loss_pers, loss_align
 
     return losses
@@ -747,9 +728,9 @@ def palp_losses_with(guided=tp.guided_epsilon, pretrained_unet=None):
 
 def passes_inputs(run, micro_steps):
     """For each micro-step, the inputs of the gradient-free passes as the step would have them: x_t2 (from the
-    step's latents, ε2 and t2), t2, ᾱ_t2 and y_P's embedding."""
+    step's latents, ε2 and t2), t2, the noise process and y_P's embedding."""
     device, scheduler = run.accelerator.device, run.noise_scheduler
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    process = tp.ddpm_process(scheduler, device)
     t_bounds = tp.timestep_bounds(
         scheduler.config.num_train_timesteps, run.args.timestep_min_ratio, run.args.timestep_max_ratio
     )
@@ -757,22 +738,20 @@ def passes_inputs(run, micro_steps):
     for micro_step in micro_steps:
         generator = tp.step_generator(run.seed, run.accelerator.process_index, micro_step)
         latents, geometry, personal_ids = run.sample_batch(micro_step, generator)
-        _, _, t2, noise2 = tp.sample_step_noise(latents.shape, t_bounds, run.alignment, generator)
+        _, _, t2, noise2 = tp.sample_step_noise(latents.shape, process, t_bounds, run.alignment, generator)
         t2 = t2.to(device)
-        a2 = alphas_cumprod[t2]
         with torch.no_grad(), run.accelerator.autocast():
             personal = run.conditioner.encode(tuple(ids.to(device) for ids in personal_ids), geometry)
             cond_personal = personal.for_alignment()
-        x_t2 = tp.add_noise(latents.float(), noise2.to(device).float(), a2).to(latents.dtype)
-        inputs[micro_step] = (x_t2, t2, a2, cond_personal)
+        x_t2 = process.add_noise(latents.float(), noise2.to(device).float(), t2).to(latents.dtype)
+        inputs[micro_step] = (x_t2, t2, process, cond_personal)
     return inputs
 
 
 def alignment_passes(run, inputs, guidance_scale_personalized):
     """The gradient-free calls ``palp_losses`` makes, alone: the pre-trained model on [y_c, ∅] (LoRA off) and the
     personalized model on [y_P, ∅] (one call when β = 1)."""
-    x_t2, t2, a2, cond_personal = inputs
-    prediction_type = run.noise_scheduler.config.prediction_type
+    x_t2, t2, process, cond_personal = inputs
     with torch.no_grad(), run.accelerator.autocast():
         batch = x_t2.shape[0]
         with tp.lora_disabled(run.base_unet):
@@ -783,11 +762,10 @@ def alignment_passes(run, inputs, guidance_scale_personalized):
                 run.cond_clean.expand(batch),
                 run.uncond,
                 run.alignment.guidance_scale_pretrained,
-                a2,
-                prediction_type,
+                process,
             )
         g_per = tp.guided_epsilon(
-            run.base_unet, x_t2, t2, cond_personal, run.uncond, guidance_scale_personalized, a2, prediction_type
+            run.base_unet, x_t2, t2, cond_personal, run.uncond, guidance_scale_personalized, process
         )
         return tp.alignment_direction("dds", g_pre, g_per)
 
@@ -810,7 +788,7 @@ def build_variants(names, run, models, alpha, beta, micro_steps):
     device = run.accelerator.device
     reencode_ids = fixed_prompt_ids(models)
     hoisted = {
-        "alphas_cumprod": run.noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+        "process": tp.ddpm_process(run.noise_scheduler, device),
         "t_bounds": tp.timestep_bounds(
             run.noise_scheduler.config.num_train_timesteps, run.args.timestep_min_ratio, run.args.timestep_max_ratio
         ),

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 import train_palp as tp
 import train_palp_multi_subject as tpm
 from conftest import reset_accelerate_state
-from test_palp_math import _alphas, _inputs, lora_unet  # noqa: F401  (lora_unet is a fixture)
+from test_palp_math import _inputs, _process, lora_unet  # noqa: F401  (lora_unet is a fixture)
 from test_train_palp import TOKEN, train
 
 
@@ -31,17 +31,17 @@ def test_class_delta_is_the_difference_of_two_guided_predictions_and_does_not_se
 
 def _step(unet, latents, noise, cond, t1, t2):
     """x_t1, ε̂ (with gradient) and the re-noised x̂_t2 of PALP's step, computed here step by step."""
-    alphas = _alphas()
-    x_t1 = tp.add_noise(latents, noise, alphas[t1])
+    process = _process()
+    x_t1 = process.add_noise(latents, noise, t1)
     eps_hat = unet(x_t1, t1, encoder_hidden_states=cond).sample
     with torch.no_grad():
-        x_t2 = tp.add_noise(tp.predicted_original_sample(x_t1, eps_hat, alphas[t1]), noise, alphas[t2])
+        x_t2 = process.add_noise(process.predicted_original_sample(x_t1, eps_hat, t1), noise, t2)
     return eps_hat, x_t2
 
 
 def _losses(unet, config, latents, noise, cond, cond_clean, uncond, t1, t2, **extra):
-    return tp.palp_losses(unet, unet, latents, noise, t1, t2, noise, cond, cond_clean, uncond, _alphas(), "epsilon",
-                          config, **extra)
+    return tp.palp_losses(unet, unet, latents, noise, t1, t2, noise, cond, cond_clean, uncond, _process(), config,
+                          **extra)
 
 
 def test_class_delta_loss_matches_a_direct_computation_and_reaches_the_token(lora_unet):  # noqa: F811
@@ -52,7 +52,6 @@ def test_class_delta_loss_matches_a_direct_computation_and_reaches_the_token(lor
     config = tp.AlignmentConfig(mode="class_delta")
     _, loss_align = _losses(lora_unet, config, latents, noise, cond, cond_clean, uncond, t1, t2, cond_class=cond_class)
 
-    alphas = _alphas()
     eps_hat, x_t2 = _step(lora_unet, latents, noise, cond.detach(), t1, t2)
     with torch.no_grad(), tp.lora_disabled(lora_unet):
         eps_clean = lora_unet(x_t2, t2, encoder_hidden_states=cond_clean.expand(2, -1, -1)).sample
@@ -65,7 +64,6 @@ def test_class_delta_loss_matches_a_direct_computation_and_reaches_the_token(lor
     assert not torch.allclose(loss_align.detach(), dds.detach())
     (grad,) = torch.autograd.grad(loss_align, cond)
     assert grad.abs().sum() > 0
-    del alphas
 
 
 def test_teacher_given_the_clean_prompt_is_dds_and_otherwise_differs(lora_unet):  # noqa: F811
@@ -101,13 +99,12 @@ def test_identity_projected_loss_matches_a_direct_computation(lora_unet):  # noq
     config = tp.AlignmentConfig(projection="identity")
     _, loss_align = _losses(lora_unet, config, latents, noise, cond, cond_clean, uncond, t1, t2, cond_class=cond_class)
 
-    alphas = _alphas()
+    process = _process()
     eps_hat, x_t2 = _step(lora_unet, latents, noise, cond, t1, t2)
     with torch.no_grad():
         with tp.lora_disabled(lora_unet):
-            g_pre = tp.guided_epsilon(lora_unet, x_t2, t2, cond_clean.expand(2, -1, -1), uncond, 15.0, alphas[t2],
-                                      "epsilon")
-        g_per = tp.guided_epsilon(lora_unet, x_t2, t2, cond, uncond, 7.5, alphas[t2], "epsilon")
+            g_pre = tp.guided_epsilon(lora_unet, x_t2, t2, cond_clean.expand(2, -1, -1), uncond, 15.0, process)
+        g_per = tp.guided_epsilon(lora_unet, x_t2, t2, cond, uncond, 7.5, process)
         u = (lora_unet(x_t2, t2, encoder_hidden_states=cond).sample
              - lora_unet(x_t2, t2, encoder_hidden_states=cond_class).sample)
         d = g_pre - g_per

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_palp as tp
-from test_palp_math import _alphas, _inputs, _run_losses, lora_unet  # noqa: F401  (lora_unet is a fixture)
+from test_palp_math import _inputs, _process, _run_losses, lora_unet  # noqa: F401  (lora_unet is a fixture)
 from conftest import reset_accelerate_state
 from test_train_palp import base_args, train
 
@@ -27,14 +27,13 @@ def test_normalized_direction_takes_the_reference_rms_per_sample():
 
 def _direct_direction(unet, latents, noise, noise2, cond, cond_clean, uncond, t1, t2, alpha=15.0, beta=7.5):
     """ε̂ and the unnormalised D of PALP's step, computed here step by step (gradient-free)."""
-    alphas = _alphas()
-    x_t1 = tp.add_noise(latents, noise, alphas[t1])
+    process = _process()
+    x_t1 = process.add_noise(latents, noise, t1)
     eps_hat = unet(x_t1, t1, encoder_hidden_states=cond).sample
-    x_t2 = tp.add_noise(tp.predicted_original_sample(x_t1, eps_hat, alphas[t1]), noise2, alphas[t2])
+    x_t2 = process.add_noise(process.predicted_original_sample(x_t1, eps_hat, t1), noise2, t2)
     with tp.lora_disabled(unet):
-        g_pre = tp.guided_epsilon(unet, x_t2, t2, cond_clean.expand(len(latents), -1, -1), uncond, alpha, alphas[t2],
-                                  "epsilon")
-    return eps_hat, g_pre - tp.guided_epsilon(unet, x_t2, t2, cond, uncond, beta, alphas[t2], "epsilon")
+        g_pre = tp.guided_epsilon(unet, x_t2, t2, cond_clean.expand(len(latents), -1, -1), uncond, alpha, process)
+    return eps_hat, g_pre - tp.guided_epsilon(unet, x_t2, t2, cond, uncond, beta, process)
 
 
 def test_normalized_alignment_loss_matches_a_direct_computation(lora_unet):  # noqa: F811
@@ -63,7 +62,7 @@ def _gradients_on_eps_hat(unet, config, latents, noise, t1, t2, cond, cond_clean
     handle = unet.register_forward_hook(hook)
     try:
         loss_pers, loss_align = tp.palp_losses(unet, unet, latents, noise, t1, t2, noise, cond, cond_clean, uncond,
-                                               _alphas(), "epsilon", config)
+                                               _process(), config)
     finally:
         handle.remove()
     (g_pers,) = torch.autograd.grad(loss_pers, captured["eps"], retain_graph=True)
@@ -133,11 +132,11 @@ def test_alignment_ramp():
 def test_t2_range_of_its_own():
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     shape = (4096, 1, 1, 1)
-    default = tp.sample_step_noise(shape, (20, 980), tp.AlignmentConfig(), g())
-    narrow = tp.sample_step_noise(shape, (20, 980), tp.AlignmentConfig(), g(), t2_bounds=(20, 600))
+    default = tp.sample_step_noise(shape, _process(), (20, 980), tp.AlignmentConfig(), g())
+    narrow = tp.sample_step_noise(shape, _process(), (20, 980), tp.AlignmentConfig(), g(), t2_bounds=(20, 600))
     assert torch.equal(default[1], narrow[1])  # t1 is drawn as before
     assert narrow[2].max() <= 600 < default[2].max() and narrow[2].min() >= 20
-    same = tp.sample_step_noise(shape, (20, 980), tp.AlignmentConfig(), g(), t2_bounds=(20, 980))
+    same = tp.sample_step_noise(shape, _process(), (20, 980), tp.AlignmentConfig(), g(), t2_bounds=(20, 980))
     assert all(torch.equal(a, b) for a, b in zip(default, same))
     args = argparse.Namespace(timestep_min_ratio=0.02, timestep_max_ratio=0.98, alignment_timestep_min_ratio=None,
                               alignment_timestep_max_ratio=0.6)

@@ -125,7 +125,7 @@ def test_before_variants_compute_the_same_losses(model):
         (run, bench.StepOptions(losses=bench.palp_losses_with(pretrained_unet=models.frozen_copy))),
         (
             run,
-            bench.StepOptions(hoisted={"alphas_cumprod": run.noise_scheduler.alphas_cumprod, "t_bounds": (20, 980)}),
+            bench.StepOptions(hoisted={"process": tp.ddpm_process(run.noise_scheduler), "t_bounds": (20, 980)}),
         ),
         (beta1, bench.StepOptions(losses=bench.palp_losses_with(bench.guided_epsilon_no_skip))),
     ]
@@ -152,14 +152,12 @@ def test_passes_alone_match_the_steps_direction():
     """The 'passes alone' variant makes the calls palp_losses makes: same D for the same x_t2."""
     run, _ = tiny_run()
     inputs = bench.passes_inputs(run, [0])[0]
-    x_t2, t2, a2, cond_personal = inputs
+    x_t2, t2, process, cond_personal = inputs
     direction = bench.alignment_passes(run, inputs, run.alignment.guidance_scale_personalized)
     with torch.no_grad():
         with tp.lora_disabled(run.base_unet):
-            g_pre = tp.guided_epsilon(
-                run.base_unet, x_t2, t2, run.cond_clean.expand(2), run.uncond, 15.0, a2, "epsilon"
-            )
-        g_per = tp.guided_epsilon(run.base_unet, x_t2, t2, cond_personal, run.uncond, 7.5, a2, "epsilon")
+            g_pre = tp.guided_epsilon(run.base_unet, x_t2, t2, run.cond_clean.expand(2), run.uncond, 15.0, process)
+        g_per = tp.guided_epsilon(run.base_unet, x_t2, t2, cond_personal, run.uncond, 7.5, process)
     torch.testing.assert_close(direction, g_pre - g_per)
     assert direction.shape == (2, 4, 8, 8)
 

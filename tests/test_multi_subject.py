@@ -158,8 +158,7 @@ def test_each_images_prompt_reaches_the_personalization_and_the_personalized_bra
         cond_personal,
         cond_clean,
         uncond,
-        torch.linspace(0.99, 0.01, 1000),
-        "epsilon",
+        tpm.DDPMProcess(torch.linspace(0.99, 0.01, 1000)),
         config,
     )
     assert torch.isfinite(loss_pers) and torch.isfinite(loss_align)

@@ -46,27 +46,37 @@ def _alphas():
     return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
 
 
+def _process(prediction_type="epsilon"):
+    """SD's DDPM noise process."""
+    return tp.DDPMProcess(_alphas(), prediction_type)
+
+
 def test_noise_and_x0_are_inverse():
-    alphas = _alphas()
+    process = _process()
     x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    a = alphas[torch.tensor([20, 500, 980])]
-    x_t = tp.add_noise(x0, eps, a)
-    torch.testing.assert_close(tp.predicted_original_sample(x_t, eps, a), x0, atol=1e-4, rtol=1e-4)
+    t = torch.tensor([20, 500, 980])
+    x_t = process.add_noise(x0, eps, t)
+    a = _alphas()[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps)
+    torch.testing.assert_close(process.predicted_original_sample(x_t, eps, t), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(process.original_sample(eps, x_t, t), x0, atol=1e-4, rtol=1e-4)
     # Per-sample broadcasting: sample 0 at t=20 is almost clean, sample 2 at t=980 almost pure noise.
     assert (x_t[0] - x0[0]).abs().mean() < 0.2 < (x_t[2] - x0[2]).abs().mean()
 
 
 def test_v_prediction_is_converted_to_epsilon():
-    alphas = _alphas()
     x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    a = alphas[torch.tensor([100, 700])]
-    x_t = tp.add_noise(x0, eps, a)
-    s = a.sqrt().view(-1, 1, 1, 1)
+    t = torch.tensor([100, 700])
+    process = _process("v_prediction")
+    x_t = process.add_noise(x0, eps, t)
+    s = _alphas()[t].sqrt().view(-1, 1, 1, 1)
     v = s * eps - (1 - s**2).sqrt() * x0
-    torch.testing.assert_close(tp.epsilon_from_model_output(v, x_t, a, "v_prediction"), eps, atol=1e-4, rtol=1e-4)
-    assert tp.epsilon_from_model_output(v, x_t, a, "epsilon") is v
+    torch.testing.assert_close(process.epsilon(v, x_t, t), eps, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(process.original_sample(v, x_t, t), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(process.target(x0, eps, t), v)
+    assert _process("epsilon").epsilon(v, x_t, t) is v
     with pytest.raises(ValueError, match="sample"):
-        tp.epsilon_from_model_output(v, x_t, a, "sample")
+        tp.DDPMProcess(_alphas(), "sample")
 
 
 def test_classifier_free_guidance_formula():
@@ -79,17 +89,17 @@ def test_classifier_free_guidance_formula():
 def test_alignment_gradient_equals_rescaled_dds_gradient_through_x0(lora_unet, rescale):
     """∇_θ L_align must equal the DDS gradient D · ∂x̂0/∂θ, rescaled by √ᾱ/√(1-ᾱ) when the rescale is on,
     computed here independently by autograd through x̂0."""
-    alphas = _alphas()
+    alphas, process = _alphas(), _process()
     latents, noise, cond, _, _ = _inputs()
     t1 = torch.tensor([150, 800])
     a1 = alphas[t1]
-    x_t1 = tp.add_noise(latents, noise, a1)
+    x_t1 = process.add_noise(latents, noise, t1)
     direction = torch.randn_like(latents)
     weight = torch.tensor([1.0, 0.5])
     params = _lora_params(lora_unet)
 
     eps_hat = lora_unet(x_t1, t1, encoder_hidden_states=cond).sample
-    loss = tp.palp_alignment_loss(eps_hat, direction, a1, weight, rescale=rescale)
+    loss = tp.palp_alignment_loss(eps_hat, direction, process, t1, weight, rescale=rescale)
     grads = torch.autograd.grad(loss, params)
 
     eps_hat = lora_unet(x_t1, t1, encoder_hidden_states=cond).sample
@@ -107,36 +117,36 @@ def test_alignment_gradient_equals_rescaled_dds_gradient_through_x0(lora_unet, r
 
 
 def test_rescale_changes_the_gradient_by_the_timestep_factor(lora_unet):
-    alphas = _alphas()
+    alphas, process = _alphas(), _process()
     latents, noise, cond, _, _ = _inputs(batch=1)
     t1 = torch.tensor([900])
     a1 = alphas[t1]
-    x_t1 = tp.add_noise(latents, noise, a1)
+    x_t1 = process.add_noise(latents, noise, t1)
     direction = torch.randn_like(latents)
     eps_hat = lora_unet(x_t1, t1, encoder_hidden_states=cond).sample
-    on = tp.palp_alignment_loss(eps_hat, direction, a1, torch.ones(1), rescale=True)
-    off = tp.palp_alignment_loss(eps_hat, direction, a1, torch.ones(1), rescale=False)
+    on = tp.palp_alignment_loss(eps_hat, direction, process, t1, torch.ones(1), rescale=True)
+    off = tp.palp_alignment_loss(eps_hat, direction, process, t1, torch.ones(1), rescale=False)
     torch.testing.assert_close(off / on, ((1 - a1) / a1).sqrt()[0], rtol=1e-5, atol=0)
 
 
 def test_descent_step_moves_x0_against_direction(lora_unet):
     """Sign: a small gradient-descent step on the LoRA moves x̂0 along -D (towards the pre-trained model's picture
     of the clean prompt)."""
-    alphas = _alphas()
+    process = _process()
     latents, noise, cond, _, _ = _inputs(seed=3)
     t1 = torch.tensor([300, 600])
-    a1 = alphas[t1]
-    x_t1 = tp.add_noise(latents, noise, a1)
+    x_t1 = process.add_noise(latents, noise, t1)
     direction = torch.randn_like(latents)
     params = _lora_params(lora_unet)
     backup = [p.detach().clone() for p in params]
 
     def x0():
         with torch.no_grad():
-            return tp.predicted_original_sample(x_t1, lora_unet(x_t1, t1, encoder_hidden_states=cond).sample, a1)
+            return process.predicted_original_sample(x_t1, lora_unet(x_t1, t1, encoder_hidden_states=cond).sample, t1)
 
     before = x0()
-    loss = tp.palp_alignment_loss(lora_unet(x_t1, t1, encoder_hidden_states=cond).sample, direction, a1, torch.ones(2))
+    eps_hat = lora_unet(x_t1, t1, encoder_hidden_states=cond).sample
+    loss = tp.palp_alignment_loss(eps_hat, direction, process, t1, torch.ones(2))
     grads = torch.autograd.grad(loss, params)
     try:
         with torch.no_grad():
@@ -154,7 +164,7 @@ def test_descent_step_moves_x0_against_direction(lora_unet):
 def test_direction_is_detached_inside_the_loss():
     eps_hat = torch.randn(1, 4, 2, 2, requires_grad=True)
     direction = torch.randn(1, 4, 2, 2, requires_grad=True)
-    loss = tp.palp_alignment_loss(eps_hat, direction, torch.tensor([0.5]), torch.ones(1))
+    loss = tp.palp_alignment_loss(eps_hat, direction, _process(), torch.tensor([500]), torch.ones(1))
     loss.backward()
     assert direction.grad is None
     torch.testing.assert_close(eps_hat.grad, -direction.detach() / direction.numel())
@@ -185,14 +195,13 @@ def test_pretrained_prediction_ignores_lora_weights(lora_unet):
 
 
 def test_guided_epsilon_batches_cond_and_uncond(lora_unet):
-    alphas = _alphas()
     latents, _, cond, _, uncond = _inputs()
     t = torch.tensor([400, 700])
     with torch.no_grad():
-        guided = tp.guided_epsilon(lora_unet, latents, t, cond, uncond, 7.5, alphas[t], "epsilon")
+        guided = tp.guided_epsilon(lora_unet, latents, t, cond, uncond, 7.5, _process())
         c = lora_unet(latents, t, encoder_hidden_states=cond).sample
         u = lora_unet(latents, t, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
-        single = tp.guided_epsilon(lora_unet, latents, t, cond, uncond, 1.0, alphas[t], "epsilon")
+        single = tp.guided_epsilon(lora_unet, latents, t, cond, uncond, 1.0, _process())
     torch.testing.assert_close(guided, u + 7.5 * (c - u), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(single, c, atol=1e-6, rtol=0)
 
@@ -226,7 +235,7 @@ def _run_losses(unet, config, seed=0, prediction_type="epsilon"):
     recorder = CallRecorder(unet)
     try:
         loss_pers, loss_align = tp.palp_losses(
-            unet, unet, latents, noise, t1, t2, noise2, cond, cond_clean, uncond, alphas, prediction_type, config
+            unet, unet, latents, noise, t1, t2, noise2, cond, cond_clean, uncond, _process(prediction_type), config
         )
     finally:
         recorder.handle.remove()
@@ -255,9 +264,10 @@ def test_dds_loss_matches_a_direct_computation(lora_unet):
     _, loss_align, _, inputs = _run_losses(lora_unet, config)
     alphas, latents, noise, noise2, cond, cond_clean, uncond, t1, t2 = inputs
     with torch.no_grad():
-        x_t1 = tp.add_noise(latents, noise, alphas[t1])
+        process = _process()
+        x_t1 = process.add_noise(latents, noise, t1)
         eps_hat = lora_unet(x_t1, t1, encoder_hidden_states=cond).sample
-        x_t2 = tp.add_noise(tp.predicted_original_sample(x_t1, eps_hat, alphas[t1]), noise2, alphas[t2])
+        x_t2 = process.add_noise(process.predicted_original_sample(x_t1, eps_hat, t1), noise2, t2)
 
         def eps(c, lora):
             if lora:
@@ -280,12 +290,13 @@ def test_sds_uses_pretrained_minus_noise_and_skips_the_personalized_pass(lora_un
     assert [(c["batch"], c["lora"]) for c in calls] == [(2, True), (4, False)]
     alphas, latents, noise, noise2, cond, cond_clean, uncond, t1, t2 = inputs
     with torch.no_grad():
-        x_t1 = tp.add_noise(latents, noise, alphas[t1])
+        process = _process()
+        x_t1 = process.add_noise(latents, noise, t1)
         eps_hat = lora_unet(x_t1, t1, encoder_hidden_states=cond).sample
-        x_t2 = tp.add_noise(tp.predicted_original_sample(x_t1, eps_hat, alphas[t1]), noise2, alphas[t2])
+        x_t2 = process.add_noise(process.predicted_original_sample(x_t1, eps_hat, t1), noise2, t2)
         with tp.lora_disabled(lora_unet):
             g_pre = tp.guided_epsilon(
-                lora_unet, x_t2, t2, cond_clean.expand(2, -1, -1), uncond, 15.0, alphas[t2], "epsilon"
+                lora_unet, x_t2, t2, cond_clean.expand(2, -1, -1), uncond, 15.0, process
             )
         expected = -((g_pre - noise2) * eps_hat).flatten(1).mean(1).mean()
     torch.testing.assert_close(loss_align.detach(), expected, atol=1e-5, rtol=1e-4)
@@ -298,7 +309,7 @@ def test_none_mode_is_the_plain_personalization_loss(lora_unet):
     assert len(calls) == 1
     assert loss_align.item() == 0.0
     with torch.no_grad():
-        pred = lora_unet(tp.add_noise(latents, noise, alphas[t1]), t1, encoder_hidden_states=cond).sample
+        pred = lora_unet(_process().add_noise(latents, noise, t1), t1, encoder_hidden_states=cond).sample
     torch.testing.assert_close(loss_pers.detach(), torch.nn.functional.mse_loss(pred, noise), atol=1e-6, rtol=1e-5)
 
 
@@ -308,30 +319,34 @@ def test_v_prediction_personalization_target_is_velocity(lora_unet):
     alphas, latents, noise, _, cond, *_, t1, _ = inputs
     a = alphas[t1].view(-1, 1, 1, 1)
     with torch.no_grad():
-        pred = lora_unet(tp.add_noise(latents, noise, alphas[t1]), t1, encoder_hidden_states=cond).sample
+        pred = lora_unet(_process().add_noise(latents, noise, t1), t1, encoder_hidden_states=cond).sample
     velocity = a.sqrt() * noise - (1 - a).sqrt() * latents
     torch.testing.assert_close(loss_pers.detach(), torch.nn.functional.mse_loss(pred, velocity), atol=1e-6, rtol=1e-5)
 
 
 def test_step_noise_options():
-    bounds = (20, 980)
+    bounds, process = (20, 980), _process()
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    same = tp.sample_step_noise((2, 4, 8, 8), bounds, tp.AlignmentConfig(), g())
-    fresh = tp.sample_step_noise((2, 4, 8, 8), bounds, tp.AlignmentConfig(noise="fresh", timestep="same"), g())
+    same = tp.sample_step_noise((2, 4, 8, 8), process, bounds, tp.AlignmentConfig(), g())
+    fresh = tp.sample_step_noise(
+        (2, 4, 8, 8), process, bounds, tp.AlignmentConfig(noise="fresh", timestep="same"), g()
+    )
     noise, t1, t2, noise2 = same
     assert noise2 is noise and not torch.equal(t1, t2)
     noise_f, t1_f, t2_f, noise2_f = fresh
     assert torch.equal(noise_f, noise) and torch.equal(t1_f, t1)  # the same draws, only the reuse differs
     assert torch.equal(t2_f, t1_f) and not torch.equal(noise2_f, noise_f)
-    many = tp.sample_step_noise((4096, 1, 1, 1), bounds, tp.AlignmentConfig(), g())
+    many = tp.sample_step_noise((4096, 1, 1, 1), process, bounds, tp.AlignmentConfig(), g())
     assert many[1].min() >= 20 and many[1].max() <= 980 and many[1].min() < 40 and many[1].max() > 960
     assert tp.timestep_bounds(1000, 0.02, 0.98) == (20, 980)
 
 
 def test_alignment_weighting():
-    a = torch.tensor([0.9, 0.1])
-    torch.testing.assert_close(tp.alignment_timestep_weight(a, "uniform"), torch.ones(2))
-    torch.testing.assert_close(tp.alignment_timestep_weight(a, "one_minus_alpha_bar"), torch.tensor([0.1, 0.9]))
+    process, t = tp.DDPMProcess(torch.tensor([0.9, 0.1])), torch.tensor([0, 1])
+    torch.testing.assert_close(tp.alignment_timestep_weight(process, t, "uniform"), torch.ones(2))
+    torch.testing.assert_close(
+        tp.alignment_timestep_weight(process, t, "one_minus_alpha_bar"), torch.tensor([0.1, 0.9])
+    )
 
 
 @pytest.mark.parametrize(
@@ -448,14 +463,21 @@ def test_palp_losses_gradient_matches_an_independent_reference(lora_unet, case, 
     params = _lora_params(lora_unet) + [cond]
     inputs = (alphas, latents, noise, noise2, cond, cond_clean, uncond, t1, t2)
 
-    loss_pers, loss_align = tp.palp_losses(
-        lora_unet, lora_unet, latents, noise, t1, t2, noise2, cond, cond_clean, uncond, alphas, prediction_type, config
+    process = _process(prediction_type)
+    losses = tp.palp_losses(
+        lora_unet, lora_unet, latents, noise, t1, t2, noise2, cond, cond_clean, uncond, process, config
     )
-    got = torch.autograd.grad(loss_pers + config.weight * loss_align, params)
-    ref_pers, ref_dds, ref_surrogate = _reference_losses(lora_unet, inputs, config, prediction_type)
-    want = torch.autograd.grad(ref_pers + config.weight * ref_dds, params, retain_graph=True)
-    align_only = torch.autograd.grad(ref_dds, params)
+    reference = _reference_losses(lora_unet, inputs, config, prediction_type)
+    _assert_losses_match_reference(losses, reference, params, config.weight)
 
+
+def _assert_losses_match_reference(losses, reference, params, weight):
+    """palp_losses' (L_pers, L_align) against a reference's (L_pers, the DDS loss through x̂0, the surrogate's value):
+    both values, and the gradient of L_pers + λ·L_align on ``params``, to which the alignment term contributes."""
+    (loss_pers, loss_align), (ref_pers, ref_dds, ref_surrogate) = losses, reference
+    got = torch.autograd.grad(loss_pers + weight * loss_align, params)
+    want = torch.autograd.grad(ref_pers + weight * ref_dds, params, retain_graph=True)
+    align_only = torch.autograd.grad(ref_dds, params)
     torch.testing.assert_close(loss_pers.detach(), ref_pers.detach(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(loss_align.detach(), ref_surrogate, atol=1e-6, rtol=1e-4)
     assert max(g.abs().max().item() for g in align_only) > 1e-4  # the alignment term really contributes
@@ -487,24 +509,27 @@ def test_v_prediction_balance_restores_the_epsilon_ratio_of_the_two_gradients():
         else:  # the v that gives the same ε̂, and the true v
             output = ((eps_hat - (1 - a).sqrt() * x_t) / a.sqrt()).requires_grad_(True)
             target = a.sqrt() * eps - (1 - a).sqrt() * x0
-        converted = tp.epsilon_from_model_output(output, x_t, a1, prediction_type)
+        process = _process(prediction_type)
+        converted = process.epsilon(output, x_t, t1)
         torch.testing.assert_close(converted, eps_hat, atol=1e-4, rtol=1e-4)
         (d_pers,) = torch.autograd.grad(F.mse_loss(output, target), output)
-        align = tp.palp_alignment_loss(converted, direction, a1, torch.ones(3), True, prediction_type)
+        align = tp.palp_alignment_loss(converted, direction, process, t1, torch.ones(3), True)
         (d_align,) = torch.autograd.grad(align, output)
         ratios[prediction_type] = d_align / d_pers
     torch.testing.assert_close(ratios["v_prediction"], ratios["epsilon"], atol=1e-3, rtol=1e-3)
 
 
 def test_v_prediction_balance_is_one_over_alpha_bar_at_t1():
-    a1 = torch.tensor([0.9, 0.05])
-    torch.testing.assert_close(tp.prediction_type_balance(a1, "v_prediction"), 1 / a1)
-    torch.testing.assert_close(tp.prediction_type_balance(a1, "epsilon"), torch.ones(2))
+    a1, t1 = torch.tensor([0.9, 0.05]), torch.tensor([0, 1])
+    v_process, eps_process = tp.DDPMProcess(a1, "v_prediction"), tp.DDPMProcess(a1, "epsilon")
+    torch.testing.assert_close(v_process.alignment_balance(t1), 1 / a1)
+    torch.testing.assert_close(eps_process.alignment_balance(t1), torch.ones(2))
     eps_hat, direction = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
     for rescale in (True, False):
-        v = tp.palp_alignment_loss(eps_hat, direction, a1, torch.ones(2), rescale, "v_prediction")
+        v = tp.palp_alignment_loss(eps_hat, direction, v_process, t1, torch.ones(2), rescale)
         e_per_sample = [
-            tp.palp_alignment_loss(eps_hat[i : i + 1], direction[i : i + 1], a1[i : i + 1], torch.ones(1), rescale)
+            tp.palp_alignment_loss(eps_hat[i : i + 1], direction[i : i + 1], eps_process, t1[i : i + 1],
+                                   torch.ones(1), rescale)
             for i in range(2)
         ]
         torch.testing.assert_close(v, sum(e / a for e, a in zip(e_per_sample, a1)) / 2)
@@ -523,7 +548,7 @@ def test_v_prediction_alignment_branch_by_value(tiny_sd_vpred_path):
     t1, t2 = torch.tensor([100, 900]), torch.tensor([600, 300])
     config = tp.AlignmentConfig(rescale=False)
     _, loss_align = tp.palp_losses(
-        unet, unet, latents, noise, t1, t2, noise, cond, cond_clean, uncond, alphas, "v_prediction", config
+        unet, unet, latents, noise, t1, t2, noise, cond, cond_clean, uncond, tp.ddpm_process(scheduler), config
     )
     _, ref, ref_surrogate = _reference_losses(
         unet, (alphas, latents, noise, noise, cond, cond_clean, uncond, t1, t2), config, "v_prediction"
@@ -597,7 +622,7 @@ def test_personalized_pass_runs_without_lora_dropout(tiny_sd_path):
         latents, noise, cond, cond_clean, uncond = _inputs()
         config = tp.AlignmentConfig(guidance_scale_personalized=1.0)
         tp.palp_losses(unet, unet, latents, noise, torch.tensor([100, 900]), torch.tensor([600, 300]), noise, cond,
-                       cond_clean, uncond, alphas, "epsilon", config)  # fmt: skip
+                       cond_clean, uncond, tp.DDPMProcess(alphas), config)  # fmt: skip
     finally:
         handle.remove()
     assert [all(flags) for _, flags, _, _ in seen] == [True, True, False]  # grad pass, pre-trained, personalized
@@ -622,10 +647,11 @@ def test_zero_terminal_snr_schedule_is_refused_at_its_last_step():
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
     alphas = scheduler.alphas_cumprod
     assert alphas[999] == 0
+    process = tp.DDPMProcess(alphas)
     with pytest.raises(tp.UserInputError, match="--timestep_max_ratio 0.998 or lower"):
-        tp.check_timestep_bounds(alphas, tp.timestep_bounds(1000, 0.02, 1.0), 1000)
-    tp.check_timestep_bounds(alphas, tp.timestep_bounds(1000, 0.02, 0.98), 1000)  # the default is fine
-    tp.check_timestep_bounds(alphas, tp.timestep_bounds(1000, 0.02, 0.998), 1000)  # the suggested bound too
+        process.check_timestep_bounds(tp.timestep_bounds(1000, 0.02, 1.0))
+    process.check_timestep_bounds(tp.timestep_bounds(1000, 0.02, 0.98))  # the default is fine
+    process.check_timestep_bounds(tp.timestep_bounds(1000, 0.02, 0.998))  # the suggested bound too
 
 
 # ------------------------------------------------------------------------------------------------ saved LoRA scale
@@ -639,7 +665,6 @@ def test_fold_lora_scale_multiplies_only_the_up_weights():
 def test_normalized_alignment_sets_the_ratio_on_a_v_models_output_too(lora_unet):
     """With D normalised to the personalization gradient, λ is the ratio of the two pushes on the model's own output
     for a v-prediction model as for an ε-model: the 1/ᾱ_t1 balance is what makes this hold at every t1."""
-    alphas = _alphas()
     latents, noise, cond, cond_clean, uncond = _inputs()
     t1, t2 = torch.tensor([30, 950]), torch.tensor([600, 300])
     rms = lambda x: x.pow(2).flatten(1).mean(1).sqrt()  # noqa: E731
@@ -654,9 +679,183 @@ def test_normalized_alignment_sets_the_ratio_on_a_v_models_output_too(lora_unet)
         try:
             config = tp.AlignmentConfig(normalization="personalization", weight=0.5)
             loss_pers, loss_align = tp.palp_losses(lora_unet, lora_unet, latents, noise, t1, t2, noise, cond,
-                                                   cond_clean, uncond, alphas, prediction_type, config)  # fmt: skip
+                                                   cond_clean, uncond, _process(prediction_type), config)  # fmt: skip
         finally:
             handle.remove()
         (g_pers,) = torch.autograd.grad(loss_pers, captured["out"], retain_graph=True)
         (g_align,) = torch.autograd.grad(config.weight * loss_align, captured["out"])
         torch.testing.assert_close(rms(g_align) / rms(g_pers), torch.full((2,), 0.5), rtol=1e-4, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ rectified flow
+def _flow_scheduler(shift=3.0):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=shift)
+
+
+def _flow_process(weighting_scheme="logit_normal", shift=3.0):
+    return tp.RectifiedFlowProcess.from_scheduler(_flow_scheduler(shift), weighting_scheme=weighting_scheme)
+
+
+def test_rectified_flow_noising_x0_and_epsilon_round_trip():
+    """x_t = (1 - σ)x0 + σε as diffusers' scheduler noises; from the true velocity v = ε - x0 the process gives back
+    ε and x0; from any v̂, x̂0 = x_t - σv̂ and ε̂ = x_t + (1 - σ)v̂ belong to each other."""
+    scheduler, process = _flow_scheduler(), _flow_process()
+    assert torch.equal(process.sigmas.flip(0), scheduler.sigmas)  # the training table, in ascending order
+    g = torch.Generator().manual_seed(0)
+    x0, eps, v_hat = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    t = scheduler.timesteps[[990, 500, 5]]  # σ small, middle, close to 1
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    x_t = process.add_noise(x0, eps, t)
+    torch.testing.assert_close(x_t, scheduler.scale_noise(x0, t, eps))
+    torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * eps)
+    v = eps - x0
+    torch.testing.assert_close(process.target(x0, eps, t), v)
+    torch.testing.assert_close(process.epsilon(v, x_t, t), eps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(process.original_sample(v, x_t, t), x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(process.predicted_original_sample(x_t, eps, t), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(process.original_sample(v_hat, x_t, t), x_t - sigma * v_hat)
+    torch.testing.assert_close(process.epsilon(v_hat, x_t, t), x_t + (1 - sigma) * v_hat)
+    eps_hat = process.epsilon(v_hat, x_t, t)
+    torch.testing.assert_close(
+        process.predicted_original_sample(x_t, eps_hat, t), process.original_sample(v_hat, x_t, t), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(process.noise_variance(t), (t / 1000) ** 2)
+    torch.testing.assert_close(process.x0_epsilon_gain(t), (t / 1000) / (1 - t / 1000))
+
+
+def test_rectified_flow_timesteps_follow_the_sd3_density():
+    """On the full table the draw is diffusers' SD3 DreamBooth-LoRA draw for the same generator; narrower bounds keep
+    it inside them; the step's generator alone decides it; shift moves the density towards noise."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    scheduler, process = _flow_scheduler(), _flow_process()
+    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    t = process.sample_timesteps(4096, (0, 999), g(0))
+    assert t.shape == (4096,) and t.dtype == torch.float32
+    u = compute_density_for_timestep_sampling("logit_normal", 4096, logit_mean=0.0, logit_std=1.0, generator=g(0))
+    torch.testing.assert_close(t, scheduler.timesteps[(u * 1000).long()], atol=0, rtol=0)
+    assert torch.equal(t, process.sample_timesteps(4096, (0, 999), g(0)))
+    assert not torch.equal(t, process.sample_timesteps(4096, (0, 999), g(1)))
+    inside = process.sample_timesteps(4096, (20, 980), g(0))
+    assert inside.min() >= process.sigmas[20] * 1000 and inside.max() <= process.sigmas[980] * 1000
+    assert inside.min() < process.sigmas[60] * 1000 and inside.max() > process.sigmas[940] * 1000
+    # logit-normal: logit(σ) ~ N(0, 1) without shift (median σ = 0.5); shift 3 moves the median to 3·0.5/(1 + 2·0.5).
+    plain = _flow_process(shift=1.0).sample_timesteps(4096, (0, 999), g(2)) / 1000
+    assert abs(plain.median() - 0.5) < 0.03 and abs(torch.logit(plain).std() - 1.0) < 0.05
+    assert abs((process.sample_timesteps(4096, (0, 999), g(2)) / 1000).median() - 0.75) < 0.03
+    # In a step: t2 is drawn independently from the same density, or equals t1 with --alignment_timestep same.
+    noise, t1, t2, noise2 = tp.sample_step_noise((2, 4, 8, 8), process, (20, 980), tp.AlignmentConfig(), g(3))
+    assert noise2 is noise and not torch.equal(t1, t2) and t1.dtype == torch.float32
+    same = tp.sample_step_noise((2, 4, 8, 8), process, (20, 980), tp.AlignmentConfig(timestep="same"), g(3))
+    assert torch.equal(same[1], t1) and torch.equal(same[2], t1)
+
+
+def test_rectified_flow_refuses_sigma_one():
+    process = _flow_process()
+    assert process.sigmas[999] == 1 and process.sigmas[998] < 1
+    with pytest.raises(tp.UserInputError, match="--timestep_max_ratio 0.998 or lower"):
+        process.check_timestep_bounds(tp.timestep_bounds(1000, 0.02, 1.0))
+    process.check_timestep_bounds(tp.timestep_bounds(1000, 0.02, 0.98))  # the default is fine
+
+
+@pytest.mark.parametrize("weighting_scheme", ["logit_normal", "sigma_sqrt"])
+def test_rectified_flow_balance_restores_the_epsilon_ratio_of_the_two_gradients(weighting_scheme):
+    """Per element, (∂L_align/∂v̂) / (∂L_pers/∂v̂) of a velocity model equals the ε-model's ratio for the same ε̂, at
+    every σ1, with the flow-matching loss and its weighting as diffusers' SD3 script computes them."""
+    g = torch.Generator().manual_seed(1)
+    x0, eps, eps_hat, direction = (torch.randn(3, 4, 4, 4, generator=g) for _ in range(4))
+    flow, ddpm = _flow_process(weighting_scheme), _process()
+    t = torch.tensor([0.05, 0.5, 0.95]) * 1000
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    x_t = flow.add_noise(x0, eps, t)
+    v_hat = ((eps_hat - x_t) / (1 - sigma)).requires_grad_(True)  # the velocity that gives the same ε̂
+    (d_pers,) = torch.autograd.grad(flow.personalization_loss(v_hat, x0, eps, t), v_hat)
+    align = tp.palp_alignment_loss(flow.epsilon(v_hat, x_t, t), direction, flow, t, torch.ones(3), True)
+    (d_align,) = torch.autograd.grad(align, v_hat)
+    eps_out = eps_hat.clone().requires_grad_(True)
+    t_ddpm = torch.tensor([50, 500, 950])
+    (e_pers,) = torch.autograd.grad(ddpm.personalization_loss(eps_out, x0, eps, t_ddpm), eps_out)
+    (e_align,) = torch.autograd.grad(
+        tp.palp_alignment_loss(eps_out, direction, ddpm, t_ddpm, torch.ones(3), True), eps_out
+    )
+    torch.testing.assert_close(d_align / d_pers, e_align / e_pers, atol=1e-3, rtol=1e-3)
+
+
+def _flow_reference_losses(unet, inputs, config, weighting_scheme):
+    """The PALP terms for a velocity model written out from the flow formulas alone: x_t = (1 - σ)x0 + σε, the SD3
+    flow-matching loss ω(σ)‖v̂ - (ε - x0)‖², x̂0 = x_t - σv̂, CFG on velocities, D = (1 - σ2)(v^α_pre - v^β_per) in ε
+    units, w = σ2² for 'one_minus_alpha_bar', and the coefficient c = ω(σ1)/(1 - σ1)² · ((1 - σ1)/σ1 with the
+    rescale). Returns L_pers, the DDS loss through x̂0 whose gradient is w·c·D·∂x̂0/∂θ, and the value of the surrogate
+    -mean(w·c·σ1/(1 - σ1)·D·ε̂) with ε̂ = x_t + (1 - σ1)v̂."""
+    latents, noise, noise2, cond, cond_clean, uncond, t1, t2 = inputs
+    s1, s2 = (t1 / 1000).view(-1, 1, 1, 1), (t2 / 1000).view(-1, 1, 1, 1)
+    omega = s1**-2 if weighting_scheme == "sigma_sqrt" else torch.ones_like(s1)
+    x_t1 = (1 - s1) * latents + s1 * noise
+    v_hat = unet(x_t1, t1, encoder_hidden_states=cond).sample
+    loss_pers = (omega * (v_hat - (noise - latents)) ** 2).mean()
+    x0_hat = x_t1 - s1 * v_hat
+    eps_hat = x_t1 + (1 - s1) * v_hat
+    with torch.no_grad():
+        x_t2 = (1 - s2) * x0_hat + s2 * noise2
+
+        def velocity(c, lora):
+            if not lora:
+                unet.disable_adapters()
+            try:
+                return unet(x_t2, t2, encoder_hidden_states=c.expand(2, -1, -1)).sample
+            finally:
+                unet.enable_adapters()
+
+        def guided(c, scale, lora):
+            return velocity(uncond, lora) + scale * (velocity(c, lora) - velocity(uncond, lora))
+
+        v_pre = guided(cond_clean, config.guidance_scale_pretrained, False)
+        if config.mode == "dds":
+            direction = (1 - s2) * (v_pre - guided(cond, config.guidance_scale_personalized, True))
+        else:  # sds: the pre-trained ε^α against the added noise
+            direction = x_t2 + (1 - s2) * v_pre - noise2
+        if config.normalization == "personalization":
+            rms = lambda x: x.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1, 1)  # noqa: E731
+            direction = direction * rms(2 * (eps_hat - noise)) / rms(direction)
+    w = s2**2 if config.weighting == "one_minus_alpha_bar" else torch.ones_like(s2)
+    c = omega / (1 - s1) ** 2 * ((1 - s1) / s1 if config.rescale else 1)
+    dds = (w * c * direction * x0_hat).sum() / latents[0].numel() / latents.shape[0]
+    surrogate = -(w * c * s1 / (1 - s1) * direction * eps_hat).flatten(1).mean(1).mean()
+    return loss_pers, dds, surrogate.detach()
+
+
+FLOW_LOSS_CASES = {
+    "defaults": (dict(), "logit_normal"),
+    "no rescale": (dict(rescale=False), "logit_normal"),
+    "fresh noise, sigma² weighting": (dict(noise="fresh", weighting="one_minus_alpha_bar"), "logit_normal"),
+    "timestep same": (dict(timestep="same", rescale=False), "logit_normal"),
+    "lambda 0.5, beta 1": (dict(weight=0.5, guidance_scale_personalized=1.0, guidance_scale_pretrained=4.0), "mode"),
+    "sds": (dict(mode="sds", noise="fresh"), "logit_normal"),
+    "normalized D": (dict(normalization="personalization"), "logit_normal"),
+    "sigma_sqrt loss weighting": (dict(), "sigma_sqrt"),
+    "sigma_sqrt, no rescale": (dict(rescale=False), "sigma_sqrt"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLOW_LOSS_CASES), ids=list(FLOW_LOSS_CASES))
+def test_palp_losses_with_rectified_flow_match_an_independent_reference(lora_unet, case):
+    """palp_losses on a velocity model (the tiny UNet standing in for it): L_pers, L_align's value and the gradient
+    of L_pers + λ·L_align on the LoRA and on y_P, against the flow formulas with autograd through x̂0."""
+    options, weighting_scheme = FLOW_LOSS_CASES[case]
+    config = tp.AlignmentConfig(**options)
+    process = _flow_process(weighting_scheme)
+    latents, noise, cond, cond_clean, uncond = _inputs(seed=6)
+    cond = cond.requires_grad_(True)
+    t1 = torch.tensor([0.3, 0.85]) * 1000
+    t2 = t1.clone() if config.timestep == "same" else torch.tensor([0.7, 0.25]) * 1000
+    noise2 = noise if config.noise == "same" else torch.randn(noise.shape, generator=torch.Generator().manual_seed(9))
+    params = _lora_params(lora_unet) + [cond]
+
+    losses = tp.palp_losses(
+        lora_unet, lora_unet, latents, noise, t1, t2, noise2, cond, cond_clean, uncond, process, config
+    )
+    inputs = (latents, noise, noise2, cond, cond_clean, uncond, t1, t2)
+    reference = _flow_reference_losses(lora_unet, inputs, config, weighting_scheme)
+    _assert_losses_match_reference(losses, reference, params, config.weight)

@@ -228,6 +228,7 @@ def measure_draws(train_palp, models, subject_name, draws, alpha, beta, weight, 
     config = train_palp.AlignmentConfig(mode="dds", guidance_scale_pretrained=alpha, guidance_scale_personalized=beta,
                                         weight=weight, noise="same", timestep="independent", rescale=True)
     alphas = models["scheduler"].alphas_cumprod.float()
+    process = train_palp.DDPMProcess(alphas, "epsilon")
     t_bounds = train_palp.timestep_bounds(models["scheduler"].config.num_train_timesteps, 0.02, 0.98)
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     personal_ids = train_palp.tokenize(tokenizer, [f"a photo of {subject['token']}"])
@@ -239,11 +240,11 @@ def measure_draws(train_palp, models, subject_name, draws, alpha, beta, weight, 
         gen = torch.Generator().manual_seed((seed * 1000 + list(world.SUBJECTS).index(subject_name)) * 100003 + i)
         index = int(torch.randint(0, models["num_images"], (1,), generator=gen))
         latents, _ = models["sampler"]([index], gen)
-        noise, t1, t2, noise2 = train_palp.sample_step_noise(latents.shape, t_bounds, config, gen)
+        noise, t1, t2, noise2 = train_palp.sample_step_noise(latents.shape, process, t_bounds, config, gen)
         cond_clean, uncond = fixed[i % len(prompts)]
         cond_personal = train_palp.encode_prompts(text_encoder, personal_ids)
         loss_pers, loss_align = train_palp.palp_losses(
-            unet, unet, latents, noise, t1, t2, noise2, cond_personal, cond_clean, uncond, alphas, "epsilon", config)
+            unet, unet, latents, noise, t1, t2, noise2, cond_personal, cond_clean, uncond, process, config)
         trainable = lora_params + [embedding.rows]
         g_pers = torch.autograd.grad(loss_pers, trainable, retain_graph=True)
         g_align = torch.autograd.grad(weight * loss_align, trainable)
@@ -252,17 +253,17 @@ def measure_draws(train_palp, models, subject_name, draws, alpha, beta, weight, 
 
         # D and its parts, from train_palp's own pure functions, gradient-free.
         with torch.no_grad():
-            a1, a2 = alphas[t1], alphas[t2]
-            x_t1 = train_palp.add_noise(latents, noise, a1)
+            a2 = alphas[t2]
+            x_t1 = process.add_noise(latents, noise, t1)
             eps_hat = unet(x_t1, t1, encoder_hidden_states=cond_personal).sample.float()
-            x0_hat = train_palp.predicted_original_sample(x_t1, eps_hat, a1)
-            x_t2 = train_palp.add_noise(x0_hat, noise2, a2)
-            ge = lambda c, s: train_palp.guided_epsilon(unet, x_t2, t2, c, uncond, s, a2, "epsilon")  # noqa: E731
+            x0_hat = process.predicted_original_sample(x_t1, eps_hat, t1)
+            x_t2 = process.add_noise(x0_hat, noise2, t2)
+            ge = lambda c, s: train_palp.guided_epsilon(unet, x_t2, t2, c, uncond, s, process)  # noqa: E731
             with train_palp.lora_disabled(unet):
                 g_pre, eps_c, eps_u = ge(cond_clean, alpha), ge(cond_clean, 1.0), ge(cond_clean, 0.0)
             g_per, eps_p, eps_pu = ge(cond_personal, beta), ge(cond_personal, 1.0), ge(cond_personal, 0.0)
             direction = train_palp.alignment_direction("dds", g_pre, g_per)
-            check = train_palp.palp_alignment_loss(eps_hat, direction, a1, torch.ones_like(a2), True)
+            check = train_palp.palp_alignment_loss(eps_hat, direction, process, t1, torch.ones_like(a2), True)
             if not torch.allclose(check, loss_align.detach(), rtol=1e-3, atol=1e-6):
                 raise RuntimeError(f"D does not reproduce palp_losses' alignment term: {check} vs {loss_align}")
             parts = dds_parts(eps_c, eps_u, eps_p, eps_pu, alpha, beta)
@@ -421,6 +422,7 @@ def measure_balance(train_palp, models, subject_name, batches, batch, alpha, bet
         models["embedding"]
     subject = world.SUBJECTS[subject_name]
     alphas = models["scheduler"].alphas_cumprod.float()
+    process = train_palp.DDPMProcess(alphas, "epsilon")
     t_bounds = train_palp.timestep_bounds(models["scheduler"].config.num_train_timesteps, 0.02, 0.98)
     trainable = [p for p in unet.parameters() if p.requires_grad] + [embedding.rows]
     personal_ids = train_palp.tokenize(tokenizer, [f"a photo of {subject['token']}"] * batch)
@@ -434,12 +436,12 @@ def measure_balance(train_palp, models, subject_name, batches, batch, alpha, bet
         gen = torch.Generator().manual_seed((seed * 1000 + list(world.SUBJECTS).index(subject_name)) * 100003 + i)
         indices = torch.randint(0, models["num_images"], (batch,), generator=gen).tolist()
         latents, _ = models["sampler"](indices, gen)
-        noise, t1, t2, noise2 = train_palp.sample_step_noise(latents.shape, t_bounds, configs["none"], gen)
+        noise, t1, t2, noise2 = train_palp.sample_step_noise(latents.shape, process, t_bounds, configs["none"], gen)
         record = {}
         for name, config in configs.items():
             cond_personal = train_palp.encode_prompts(text_encoder, personal_ids)
             loss_pers, loss_align = train_palp.palp_losses(unet, unet, latents, noise, t1, t2, noise2, cond_personal,
-                                                           cond_clean, uncond, alphas, "epsilon", config)
+                                                           cond_clean, uncond, process, config)
             g_pers = torch.autograd.grad(loss_pers, trainable, retain_graph=True)
             g_align = torch.autograd.grad(loss_align, trainable)
             flat = lambda gs: torch.cat([g.flatten() for g in gs[:-1]])  # noqa: E731
@@ -449,15 +451,13 @@ def measure_balance(train_palp, models, subject_name, batches, batch, alpha, bet
             record[tag + "token_ratio"] = float(g_align[-1].norm() / g_pers[-1].norm())
             record[tag + "token_cosine"] = cosine(g_pers[-1].flatten(), g_align[-1].flatten())
         with torch.no_grad():
-            a1, a2 = alphas[t1], alphas[t2]
-            x_t1 = train_palp.add_noise(latents, noise, a1)
+            x_t1 = process.add_noise(latents, noise, t1)
             cond_personal = train_palp.encode_prompts(text_encoder, personal_ids)
             eps_hat = unet(x_t1, t1, encoder_hidden_states=cond_personal).sample.float()
-            x_t2 = train_palp.add_noise(train_palp.predicted_original_sample(x_t1, eps_hat, a1), noise2, a2)
+            x_t2 = process.add_noise(process.predicted_original_sample(x_t1, eps_hat, t1), noise2, t2)
             with train_palp.lora_disabled(unet):
-                g_pre = train_palp.guided_epsilon(unet, x_t2, t2, cond_clean.expand(batch), uncond, alpha, a2,
-                                                  "epsilon")
-            g_per = train_palp.guided_epsilon(unet, x_t2, t2, cond_personal, uncond, beta, a2, "epsilon")
+                g_pre = train_palp.guided_epsilon(unet, x_t2, t2, cond_clean.expand(batch), uncond, alpha, process)
+            g_per = train_palp.guided_epsilon(unet, x_t2, t2, cond_personal, uncond, beta, process)
             direction, residual = (g_pre - g_per).flatten(1), (eps_hat - noise).flatten(1)
             cos = torch.nn.functional.cosine_similarity(direction, residual)
         record["cos_D_residual"] = float(cos.mean())
