@@ -343,11 +343,22 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "--alignment_normalization",
         type=str,
         default=alignment_normalization,
-        choices=["none", "personalization"],
+        choices=["none", "personalization", "calibrated"],
         help="'personalization' (ours; the one-subject default): rescale D per sample to the RMS of the "
         "personalization gradient 2(ε̂ − ε), so λ is the ratio of the two terms' pushes on ε̂ at each step; it fades "
-        "as the model learns its photos (the residual shrinks). 'none': D as the paper uses it (the multi-subject "
-        "default: the normalisation was never measured on composition).",
+        "as the model learns its photos (the residual shrinks). 'calibrated' (ours): D times one factor, the ratio "
+        "of the two gradients' mean RMS over the first --alignment_calibration_steps steps, then held: λ is the "
+        "ratio of the pushes at the start of training, and the push does not fade; up to that factor it is the "
+        "paper's D. 'none': D as the paper uses it (the multi-subject default: the normalisation was never "
+        "measured on composition).",
+    )
+    palp.add_argument(
+        "--alignment_calibration_steps",
+        type=int,
+        default=25,
+        help="With --alignment_normalization calibrated: the optimizer steps over which the two gradients' sizes "
+        "are averaged before the factor is held (ours; 25 steps see the residual at about 25 × batch random "
+        "timesteps while the LoRA has barely moved).",
     )
     palp.add_argument(
         "--alignment_projection",
@@ -556,6 +567,10 @@ def validate_training_args(args):
             raise UserInputError(f"--{flag} must not be negative, got {getattr(args, flag)}.")
     if args.alignment_warmup_steps < 0:
         raise UserInputError(f"--alignment_warmup_steps must not be negative, got {args.alignment_warmup_steps}.")
+    if args.alignment_calibration_steps <= 0:
+        raise UserInputError(
+            f"--alignment_calibration_steps must be a positive integer, got {args.alignment_calibration_steps}."
+        )
     if not 0.0 <= args.timestep_min_ratio <= args.timestep_max_ratio <= 1.0:
         raise UserInputError("--timestep_min_ratio and --timestep_max_ratio need 0 <= min <= max <= 1.")
     if args.timestep_min_ratio >= 1.0:
@@ -1181,6 +1196,57 @@ def normalize_direction(direction, reference):
     return direction * ratio
 
 
+# Copied from train_palp.rms_per_sample
+def rms_per_sample(x):
+    """The root mean square of each sample of ``x``, shape [batch]."""
+    return x.float().flatten(1).pow(2).mean(dim=1).sqrt()
+
+
+# Copied from train_palp.DirectionCalibration
+class DirectionCalibration:
+    """--alignment_normalization calibrated (ours): D times one factor c = mean RMS(2(ε̂ − ε)) / mean RMS(D), both
+    sizes averaged over the first ``calls`` micro-batches of the run and then held.
+
+    'personalization' rescales each sample's D to the current residual ε̂ − ε. That residual shrinks as the LoRA
+    memorises its photos, so the push fades as training goes on, and a near-zero D is blown up to the residual's
+    size. Here the ratio of the two sizes is measured while the residual still has its starting size, then frozen:
+    λ keeps the meaning 'personalization' gives it (the ratio of the two pushes on ε̂, scale-free, the same on any
+    model and at any guidance scale) at the start of training; after that D keeps its own size per sample and over
+    training, as in the paper, so a small D stays small. Up to the one factor it is the paper's unnormalised D.
+    Until ``calls`` measurements are in, the factor is the ratio of the running means so far.
+
+    ``reduce`` averages each measurement over processes (accelerate's ``reduce``), so that every rank holds the same
+    factor and a checkpoint written by the main process resumes every rank.
+    """
+
+    def __init__(self, calls, reduce=None):
+        self.calls = calls
+        self.reduce = reduce
+        self.count = 0
+        self.reference_sum = 0.0
+        self.direction_sum = 0.0
+
+    def factor(self, direction, reference):
+        if self.count < self.calls:
+            sizes = torch.stack([rms_per_sample(reference).mean(), rms_per_sample(direction).mean()])
+            if self.reduce is not None:
+                sizes = self.reduce(sizes)
+            self.reference_sum += sizes[0].item()
+            self.direction_sum += sizes[1].item()
+            self.count += 1
+        return self.reference_sum / self.direction_sum if self.direction_sum > 0 else 0.0
+
+    def state_dict(self):
+        return {"count": self.count, "reference_sum": self.reference_sum, "direction_sum": self.direction_sum}
+
+    def load_state_dict(self, state):
+        self.count, self.reference_sum, self.direction_sum = (
+            state["count"],
+            state["reference_sum"],
+            state["direction_sum"],
+        )
+
+
 # Copied from train_palp.project_off_residual
 def project_off_residual(direction, residual):
     """D without the part that asks ε̂ to move away from ε: per sample, where ⟨D, ε̂ − ε⟩ > 0, D's component along
@@ -1246,6 +1312,7 @@ class AlignmentConfig:
     projection: str = "none"
     gradient: str = "all"
     warmup_steps: int = 0
+    calibration_steps: int = 25
 
     @property
     def needs_class_prompt(self):
@@ -1267,6 +1334,7 @@ class AlignmentConfig:
             projection=args.alignment_projection,
             gradient=args.alignment_gradient,
             warmup_steps=args.alignment_warmup_steps,
+            calibration_steps=args.alignment_calibration_steps,
         )
 
 
@@ -1392,6 +1460,7 @@ def palp_losses(
     config,
     cond_class=None,
     cond_teacher=None,
+    calibration=None,
 ):
     """One PALP step's two loss terms; returns (L_pers, L_align). Only L_pers's forward pass carries a gradient.
 
@@ -1402,7 +1471,8 @@ def palp_losses(
     ``cond_teacher`` the target prompt with the learned token, batch dimension 1, needed by ``teacher``. All are
     Conditionings (or hidden-state tensors), whatever the model family. ``process`` is the noise process
     (:class:`DDPMProcess` or :class:`RectifiedFlowProcess`): it noises, reads ε̂ and x̂0 off the model's output and
-    supplies the personalization loss and the balance; everything here is written in ε.
+    supplies the personalization loss and the balance; everything here is written in ε. ``calibration`` is the
+    run's :class:`DirectionCalibration`, needed by --alignment_normalization calibrated.
     """
     cond_personal, cond_clean = Conditioning.of(cond_personal), Conditioning.of(cond_clean)
     x_t1 = process.add_noise(latents, noise, t1)
@@ -1471,6 +1541,8 @@ def palp_losses(
             direction = project_off_residual(direction, eps_hat - noise.float())
         if config.normalization == "personalization":
             direction = normalize_direction(direction, 2 * (eps_hat - noise.float()))
+        if config.normalization == "calibrated":
+            direction = direction * calibration.factor(direction, 2 * (eps_hat - noise.float()))
     weight = alignment_timestep_weight(process, t2, config.weighting)
     loss_align = palp_alignment_loss(eps_hat, direction, process, t1, weight, config.rescale)
     return loss_pers, loss_align
@@ -2281,7 +2353,18 @@ def list_checkpoints(output_dir):
 
 # Copied from train_palp.save_checkpoint
 def save_checkpoint(
-    output_dir, step, unet, lora_config, tokens, conditioner, optimizer, lr_scheduler, scaler, seed, total_limit=None
+    output_dir,
+    step,
+    unet,
+    lora_config,
+    tokens,
+    conditioner,
+    optimizer,
+    lr_scheduler,
+    scaler,
+    seed,
+    total_limit=None,
+    calibration=None,
 ):
     """Write ``checkpoint-<step>`` atomically: into a temporary folder, renamed when complete."""
     existing = list_checkpoints(output_dir)
@@ -2301,6 +2384,7 @@ def save_checkpoint(
         "optimizer": save_optimizer(tmp, optimizer),
         "lr_scheduler": lr_scheduler.state_dict(),
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        "alignment_calibration": calibration.state_dict() if calibration is not None else None,
     }
     (tmp / CHECKPOINT_STATE_NAME).write_text(json.dumps(state, indent=2))
     shutil.rmtree(final, ignore_errors=True)
@@ -2856,6 +2940,7 @@ class TrainingRun:
     hub_repo_id: str = None
     class_conditioning: object = None  # y_P token ids -> ỹ_P Conditioning, when the alignment needs ỹ_P
     teacher_ids: tuple = None  # token ids of [target prompt, ∅], for --alignment_mode teacher
+    calibration: DirectionCalibration = None  # D's factor, for --alignment_normalization calibrated
 
     @property
     def base_unet(self):
@@ -2943,6 +3028,7 @@ def training_step(run, micro_step):
                 run.alignment,
                 cond_class,
                 cond_teacher,
+                run.calibration,
             )
         weight = run.alignment.weight * alignment_ramp(run.global_step, run.alignment.warmup_steps)
         loss = loss_pers + weight * loss_align
@@ -3007,6 +3093,7 @@ def train_loop(run):
                     accelerator.scaler,
                     run.seed,
                     args.checkpoints_total_limit,
+                    run.calibration,
                 )
                 logger.info(f"Saved checkpoint {path}")
             if stopping:
@@ -3168,6 +3255,12 @@ def build_run(
             conditioner, batch_prompts(range(len(images))), tokens, class_names, accelerator.device, weight_dtype
         )
     teacher_ids = conditioner.tokenize([args.target_prompt, ""]) if alignment.mode == "teacher" else None
+    calibration = None
+    if alignment.normalization == "calibrated":
+        calibration = DirectionCalibration(
+            alignment.calibration_steps * args.gradient_accumulation_steps,
+            reduce=lambda sizes: accelerator.reduce(sizes, reduction="mean"),
+        )
 
     run = TrainingRun(
         accelerator=accelerator,
@@ -3189,6 +3282,7 @@ def build_run(
         validation_prompt=config["validation_prompt_resolved"],
         class_conditioning=class_conditioning,
         teacher_ids=teacher_ids,
+        calibration=calibration,
         config={**config, "seed": seed, "resolution": conditioner.resolution},
         hub_repo_id=hub_repo_id,
     )
@@ -3197,6 +3291,8 @@ def build_run(
             resume_path, run.base_unet, run.tokens, conditioner, optimizer, lr_scheduler, accelerator.scaler
         )
         run.global_step = state["global_step"]
+        if calibration is not None and state.get("alignment_calibration"):
+            calibration.load_state_dict(state["alignment_calibration"])
         logger.info(f"Resumed from {resume_path} at step {run.global_step}")
     elif args.resume_from_checkpoint:
         logger.info("No checkpoint to resume from; starting a new run.")

@@ -178,3 +178,85 @@ def test_class_phrase_table_gives_each_image_its_own_subjects_class_prompt(tiny_
     expected = [conditioner.encode_fixed(p, run.accelerator.device, run.weight_dtype)[0].hidden
                 for p in ("A photo of a cat", "An oil painting of a painting", "A photo of a cat")]
     torch.testing.assert_close(cond.hidden, torch.cat(expected))
+
+
+def test_calibration_averages_the_first_calls_then_holds_the_factor():
+    g = torch.Generator().manual_seed(0)
+    calibration = tp.DirectionCalibration(calls=2)
+    r1, d1 = torch.randn(3, 4, 2, 2, generator=g), 5 * torch.randn(3, 4, 2, 2, generator=g)
+    r2, d2 = 0.5 * torch.randn(3, 4, 2, 2, generator=g), 2 * torch.randn(3, 4, 2, 2, generator=g)
+    rms = lambda x: x.flatten(1).pow(2).mean(1).sqrt().mean().item()  # noqa: E731
+    assert calibration.factor(d1, r1) == pytest.approx(rms(r1) / rms(d1), rel=1e-6)
+    held = calibration.factor(d2, r2)
+    assert held == pytest.approx((rms(r1) + rms(r2)) / (rms(d1) + rms(d2)), rel=1e-6)
+    # Held from now on: a shrinking residual does not fade the push, a near-zero D is not blown up.
+    assert calibration.factor(1e-9 * d2, 1e-3 * r2) == held and calibration.count == 2
+    # A checkpoint's JSON brings back the same factor.
+    import json
+
+    restored = tp.DirectionCalibration(calls=2)
+    restored.load_state_dict(json.loads(json.dumps(calibration.state_dict())))
+    assert restored.factor(d1, r1) == held
+
+
+def test_calibrated_loss_is_the_papers_times_the_calibrated_factor(lora_unet):  # noqa: F811
+    latents, noise, cond, cond_clean, uncond = _inputs(seed=5)
+    t1, t2 = torch.tensor([150, 850]), torch.tensor([450, 700])
+    _, paper = _losses(lora_unet, tp.AlignmentConfig(), latents, noise, cond, cond_clean, uncond, t1, t2)
+    calibration = tp.DirectionCalibration(calls=1)
+    calibrated = tp.AlignmentConfig(normalization="calibrated")
+    _, loss = _losses(lora_unet, calibrated, latents, noise, cond, cond_clean, uncond, t1, t2, calibration=calibration)
+    factor = calibration.factor(torch.ones(1, 1), torch.ones(1, 1))  # held after one call
+    torch.testing.assert_close(loss, factor * paper, rtol=1e-5, atol=1e-7)
+    eps_hat, _ = _step(lora_unet, latents, noise, cond, t1, t2)
+    reference = (2 * (eps_hat - noise)).flatten(1).pow(2).mean(1).sqrt().mean().item()
+    assert calibration.reference_sum == pytest.approx(reference, rel=1e-5)
+    assert factor != pytest.approx(1.0, abs=0.05)  # the factor does something here
+    # Per-sample normalisation gives each sample the residual's size; the calibrated D keeps their ratio.
+    _, per_sample = _losses(lora_unet, tp.AlignmentConfig(normalization="personalization"), latents, noise, cond,
+                            cond_clean, uncond, t1, t2)
+    assert not torch.allclose(per_sample, loss, rtol=1e-3)
+
+
+def test_calibrated_run_checkpoints_its_factor_and_resumes_bit_exact(tiny_sd_path, instance_dir, tmp_path):
+    """Checkpoint 2 falls inside the 3-step calibration: the resumed run carries on the same running means."""
+    import json
+
+    common = ("--checkpointing_steps", "2", "--num_validation_images", "0", "--alignment_normalization",
+              "calibrated", "--alignment_calibration_steps", "3", "--gradient_accumulation_steps", "2")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    reset_accelerate_state()
+    train(tiny_sd_path, instance_dir, full, *common)
+    reset_accelerate_state()
+    train(tiny_sd_path, instance_dir, resumed, *common, "--max_train_steps", "2")
+    state = json.loads((resumed / "checkpoint-2" / tp.CHECKPOINT_STATE_NAME).read_text())
+    assert state["alignment_calibration"]["count"] == 4  # 2 steps × 2 micro-batches
+    (resumed / "pytorch_lora_weights.safetensors").unlink()
+    reset_accelerate_state()
+    run = train(tiny_sd_path, instance_dir, resumed, *common, "--resume_from_checkpoint", "checkpoint-2")
+    assert run.calibration.count == 6  # held after 3 steps
+    a = load_file(str(full / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Without its saved running means the resumed run would differ: the factor is part of the state.
+    assert json.loads((full / "checkpoint-4" / tp.CHECKPOINT_STATE_NAME).read_text())["alignment_calibration"] == (
+        run.calibration.state_dict()
+    )
+
+
+def _multi_argv(tiny_sd_path, instance_dir, tmp_path):
+    from test_multi_subject import common_flags, subject_flags
+
+    return [*subject_flags(str(instance_dir), str(instance_dir)), *common_flags(tiny_sd_path, tmp_path / "m"),
+            "--alignment_calibration_steps", "0"]
+
+
+def test_calibration_steps_must_be_positive(tiny_sd_path, instance_dir, tmp_path):
+    from test_train_palp import base_args
+
+    argv = base_args(tiny_sd_path, instance_dir, tmp_path / "o", "--alignment_calibration_steps", "0")
+    for script in (tp, tpm):
+        with pytest.raises(tp.UserInputError if script is tp else tpm.UserInputError,
+                           match="--alignment_calibration_steps must be a positive integer"):
+            script.parse_args(argv if script is tp else _multi_argv(tiny_sd_path, instance_dir, tmp_path))
+    assert not (tmp_path / "o").exists()

@@ -246,7 +246,8 @@ V2_GAIN_GOAL, V2_APPEARANCE_GOAL, V2_APPEARANCE_FLOOR = 0.10, 0.95, 0.85
 MECHANISM_PREFIXES = (("PALP (paper)", "paper's D"), ("PALP λ=", "paper's D"), ("PALP normalised D", "normalised D"),
                       ("class-cancelling D", "class-cancelling D"), ("identity-projected D", "identity-projected D"),
                       ("D on the LoRA only", "D on the LoRA only"), ("identity-bearing teacher",
-                                                                    "identity-bearing teacher"))
+                                                                    "identity-bearing teacher"),
+                      ("calibrated D", "calibrated D"))
 
 
 def mechanism_of(label):

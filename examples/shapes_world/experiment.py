@@ -75,6 +75,10 @@ CONFIGS = {
     **{f"identity-bearing teacher λ={w}": PAPER + ["--alignment_mode", "teacher", "--alignment_weight", w]
        for w in ("0.1", "0.3", "0.6", "1")},
     "PALP normalised D λ=0.5": PAPER + ["--alignment_normalization", "personalization", "--alignment_weight", "0.5"],
+    # D times one factor measured over the first 25 steps, then held: the paper's D with λ set on the ratio of the
+    # two pushes at the start, so that it does not fade as the residual shrinks.
+    **{f"calibrated D λ={w}": PAPER + ["--alignment_normalization", "calibrated", "--alignment_weight", w]
+       for w in ("0.5", "1", "2", "4")},
 }
 
 
