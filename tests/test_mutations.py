@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import pytest
 
+import test_alignment_mechanisms
 import test_alignment_options
 import test_palp_math
 from conftest import REPO_ROOT
 from test_palp_math import lora_unet  # noqa: F401  (the math tests' fixture, for the runs below)
 
-MATH_TEST_MODULES = (test_palp_math, test_alignment_options)
+MATH_TEST_MODULES = (test_palp_math, test_alignment_options, test_alignment_mechanisms)
 END_TO_END_FIXTURES = {"instance_dir"}  # a test that trains a whole run is not a math test
 
 
@@ -103,8 +104,24 @@ MUTANTS = [
            (("    dims = tuple(range(1, direction.ndim))", "    dims = tuple(range(direction.ndim))"),),
            ("test_normalized_direction_takes_the_reference_rms_per_sample",)),
     Mutant("D normalised to ε̂ − ε2 instead of ε̂ − ε",
-           (("2 * (eps_hat - noise.float())", "2 * (eps_hat - noise2.float())"),),
+           (("normalize_direction(direction, 2 * (eps_hat - noise.float()))",
+             "normalize_direction(direction, 2 * (eps_hat - noise2.float()))"),),
            ("test_palp_losses_gradient_matches_an_independent_reference",)),
+    Mutant("calibrated factor measured on every step instead of held after its steps",
+           (("        if self.count < self.calls:\n            sizes = torch.stack(",
+             "        if True:\n            sizes = torch.stack("),),
+           ("test_calibration_averages_the_first_calls_then_holds_the_factor",)),
+    # The mechanisms aimed at the identity (--alignment_mode class_delta / teacher, --alignment_projection identity).
+    Mutant("class-cancelling D with its sign flipped",
+           (("    return scale * (eps_clean - eps_class)", "    return scale * (eps_class - eps_clean)"),),
+           ("test_class_delta_is_the_difference_of_two_guided_predictions_and_does_not_see_the_unconditional",)),
+    Mutant("teacher given the clean prompt instead of the learned token",
+           (('Conditioning.of(cond_teacher).detach() if config.mode == "teacher" else cond_clean',
+             'cond_clean if config.mode == "teacher" else cond_clean'),),
+           ("test_teacher_given_the_clean_prompt_is_dds_and_otherwise_differs",)),
+    Mutant("identity projection keeps the component along the axis",
+           (("    return direction - coefficient * axis", "    return direction + 0 * coefficient * axis"),),
+           ("test_projection_off_an_axis",)),
     Mutant("warm-up ramp one step ahead",
            (("    return min(1.0, step / warmup_steps)", "    return min(1.0, (step + 1) / warmup_steps)"),),
            ("test_alignment_ramp",)),

@@ -581,6 +581,7 @@ def test_alignment_config_from_args_round_trip(tmp_path):
         "projection": ("--alignment_projection", "residual"),
         "gradient": ("--alignment_gradient", "lora"),
         "warmup_steps": ("--alignment_warmup_steps", "7"),
+        "calibration_steps": ("--alignment_calibration_steps", "9"),
     }
     fields = [f.name for f in dataclasses.fields(tp.AlignmentConfig)]
     assert set(fields) == set(flags), f"give every AlignmentConfig field a flag in this test: {set(fields) ^ set(flags)}"

@@ -67,11 +67,11 @@ CONFIGS = {
     # the paper's unnormalised D so that the push does not fade as the LoRA memorises its photos.
     "PALP λ=0.6": PAPER + ["--alignment_weight", "0.6"],
     **{f"class-cancelling D λ={w}": PAPER + ["--alignment_mode", "class_delta", "--alignment_weight", w]
-       for w in ("0.1", "0.3", "0.6", "1")},
+       for w in ("0.03", "0.1", "0.3", "0.6", "1")},
     **{f"identity-projected D λ={w}": PAPER + ["--alignment_projection", "identity", "--alignment_weight", w]
        for w in ("0.1", "0.3", "0.6", "1")},
     **{f"D on the LoRA only λ={w}": PAPER + ["--alignment_gradient", "lora", "--alignment_weight", w]
-       for w in ("0.1", "0.3", "0.6", "1")},
+       for w in ("0.03", "0.1", "0.3", "0.6", "1")},
     **{f"identity-bearing teacher λ={w}": PAPER + ["--alignment_mode", "teacher", "--alignment_weight", w]
        for w in ("0.1", "0.3", "0.6", "1")},
     "PALP normalised D λ=0.5": PAPER + ["--alignment_normalization", "personalization", "--alignment_weight", "0.5"],
