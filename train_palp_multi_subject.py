@@ -251,9 +251,11 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "--alignment_mode",
         type=str,
         default="dds",
-        choices=["dds", "class_delta", "teacher", "sds", "none"],
-        help="'dds': PALP (pre-trained on y_c minus personalized on y_P); 'class_delta' (ours): the pre-trained model "
-        "on y_c minus the same model on y_P with the token replaced by the class ('a photo of a cat'), so the pull "
+        choices=["dds", "class_source", "class_delta", "teacher", "sds", "none"],
+        help="'dds': PALP (pre-trained on y_c minus personalized on y_P); 'class_source' (ours): DDS whose "
+        "personalized prediction is given ỹ_P, y_P with the token replaced by the class ('a photo of a cat'): the "
+        "term of PALP's D that pushes the subject towards a generic member of its class is gone, at the same cost; "
+        "'class_delta' (ours): the pre-trained model on y_c minus the same model on ỹ_P, so the pull "
         "towards a generic member of the class cancels; 'teacher' (ours): DDS whose pre-trained prediction is given "
         "the learned token on the target prompt instead of y_c; 'sds': pre-trained on y_c minus the noise (the "
         "paper's ablation: over-saturates); 'none': plain TI + DreamBooth-LoRA baseline.",
@@ -1123,11 +1125,19 @@ def alignment_direction(mode, guided_pretrained, guided_personalized=None, noise
     """The direction D that the alignment loss pushes ε̂ along (and x̂0 against).
 
     dds (PALP): D = ε^α_pre(x̂_t2, t2, y_c) - ε^β_per(x̂_t2, t2, y_P), the Delta Denoising Score.
-    teacher: the same difference, with the pre-trained prediction given the learned token on the target prompt.
+    class_source: D = ε^α_pre(x̂_t2, t2, y_c) - ε^β_per(x̂_t2, t2, ỹ_P), the personalized (source) prediction given ỹ_P,
+    y_P with the class phrase in place of the token. Write u = ε_per(y_P) - ε_per(ỹ_P), the personalized model's own
+    identity direction at x̂_t2; since ε^β(y) = ε(∅) + β(ε(y) - ε(∅)), ε^β_per(y_P) = ε^β_per(ỹ_P) + β·u, so PALP's
+    D is this D minus β·u. Descent on L_align moves ε̂ along +D and x̂0 along -D, so PALP's -β·u moves x̂0 along
+    +u, from the subject towards a generic member of its class, at the personalized guidance scale and at every
+    step: y_c names no subject, so nothing on the pre-trained side cancels it. Here that term is gone and D asks
+    for the change from the class phrase's picture to the target prompt's (context), with the same two batched
+    calls as DDS. Like class_delta, it need not vanish once the picture shows the target context.
+    teacher: the same difference as DDS, with the pre-trained prediction given the learned token on the target prompt.
     (class_delta has a direction of its own: :func:`class_delta_direction`.)
     sds (ablation): D = ε^α_pre(x̂_t2, t2, y_c) - ε2, Score Distillation against the added noise.
     """
-    if mode in ("dds", "teacher"):
+    if mode in ("dds", "class_source", "teacher"):
         return guided_pretrained - guided_personalized
     if mode == "sds":
         return guided_pretrained - noise
@@ -1317,7 +1327,7 @@ class AlignmentConfig:
     @property
     def needs_class_prompt(self):
         """Whether the step needs ỹ_P, y_P with the class phrase in place of the token."""
-        return self.mode == "class_delta" or self.projection == "identity"
+        return self.mode in ("class_delta", "class_source") or self.projection == "identity"
 
     @classmethod
     def from_args(cls, args):
@@ -1467,7 +1477,8 @@ def palp_losses(
     ``unet`` is the (possibly distributed) training model, ``base_unet`` the same module unwrapped, whose LoRA can be
     switched off for the pre-trained prediction. ``cond_personal`` is y_P per sample (with gradient to [V]);
     ``cond_clean`` and ``uncond`` are fixed embeddings of y_c and ∅ with batch dimension 1. ``cond_class`` is ỹ_P
-    per sample (y_P with the class phrase for the token), needed by ``class_delta`` and the identity projection;
+    per sample (y_P with the class phrase for the token), needed by ``class_delta``, ``class_source`` and the
+    identity projection;
     ``cond_teacher`` the target prompt with the learned token, batch dimension 1, needed by ``teacher``. All are
     Conditionings (or hidden-state tensors), whatever the model family. ``process`` is the noise process
     (:class:`DDPMProcess` or :class:`RectifiedFlowProcess`): it noises, reads ε̂ and x̂0 off the model's output and
@@ -1514,14 +1525,16 @@ def palp_losses(
                     process,
                 )
             g_per = None
-            if config.mode in ("dds", "teacher"):
-                # g_per = ε^β of the personalized model on [y_P, ∅] (only y_P when β = 1), without LoRA dropout.
+            if config.mode in ("dds", "class_source", "teacher"):
+                # g_per = ε^β of the personalized model on [y_P, ∅] (only y_P when β = 1), without LoRA dropout;
+                # class_source gives it ỹ_P instead of y_P.
+                source = cond_class if config.mode == "class_source" else cond_personal
                 with lora_dropout_off(base_unet):
                     g_per = guided_epsilon(
                         base_unet,
                         x_t2,
                         t2,
-                        cond_personal.for_alignment(),
+                        Conditioning.of(source).for_alignment(),
                         uncond,
                         config.guidance_scale_personalized,
                         process,

@@ -1,5 +1,5 @@
-"""The alignment mechanisms aimed at the part of D that erodes the subject's identity: the class-cancelling D, the
-identity-bearing teacher, the projection off the identity direction, and where the alignment gradient lands."""
+"""The alignment mechanisms aimed at the part of D that erodes the subject's identity: DDS from the class phrase, the
+class-cancelling D, the identity-bearing teacher, the projection off the identity direction, and where the alignment gradient lands."""
 
 import pytest
 import torch
@@ -44,13 +44,21 @@ def _losses(unet, config, latents, noise, cond, cond_clean, uncond, t1, t2, **ex
                           **extra)
 
 
-def test_class_delta_loss_matches_a_direct_computation_and_reaches_the_token(lora_unet):  # noqa: F811
-    latents, noise, cond, cond_clean, uncond = _inputs(seed=2)
-    cond_class = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(9))
+def _class_phrase_loss(unet, mode, seed, t1, t2):
+    """L_align of a mode that reads ỹ_P, on the math tests' inputs; the inputs too (y_P's with gradient)."""
+    latents, noise, cond, cond_clean, uncond = _inputs(seed=seed)
+    cond_class = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(seed + 7))
     cond = cond.requires_grad_(True)
+    config = tp.AlignmentConfig(mode=mode)
+    _, loss_align = _losses(unet, config, latents, noise, cond, cond_clean, uncond, t1, t2, cond_class=cond_class)
+    return loss_align, (latents, noise, cond, cond_clean, uncond, cond_class)
+
+
+def test_class_delta_loss_matches_a_direct_computation_and_reaches_the_token(lora_unet):  # noqa: F811
     t1, t2 = torch.tensor([100, 900]), torch.tensor([600, 300])
-    config = tp.AlignmentConfig(mode="class_delta")
-    _, loss_align = _losses(lora_unet, config, latents, noise, cond, cond_clean, uncond, t1, t2, cond_class=cond_class)
+    loss_align, (latents, noise, cond, cond_clean, uncond, cond_class) = _class_phrase_loss(
+        lora_unet, "class_delta", 2, t1, t2
+    )
 
     eps_hat, x_t2 = _step(lora_unet, latents, noise, cond.detach(), t1, t2)
     with torch.no_grad(), tp.lora_disabled(lora_unet):
@@ -62,6 +70,34 @@ def test_class_delta_loss_matches_a_direct_computation_and_reaches_the_token(lor
     # Not the DDS loss of the same inputs, and its gradient reaches the token's conditioning.
     _, dds = _losses(lora_unet, tp.AlignmentConfig(), latents, noise, cond, cond_clean, uncond, t1, t2)
     assert not torch.allclose(loss_align.detach(), dds.detach())
+    (grad,) = torch.autograd.grad(loss_align, cond)
+    assert grad.abs().sum() > 0
+
+
+def test_class_source_is_dds_with_the_class_phrase_for_the_personalized_prediction(lora_unet):  # noqa: F811
+    """D = ε^α_pre(y_c) - ε^β_per(ỹ_P): PALP's D plus β·(ε_per(y_P) - ε_per(ỹ_P)), computed here step by step."""
+    t1, t2 = torch.tensor([150, 850]), torch.tensor([650, 250])
+    loss_align, (latents, noise, cond, cond_clean, uncond, cond_class) = _class_phrase_loss(
+        lora_unet, "class_source", 4, t1, t2
+    )
+    config = tp.AlignmentConfig(mode="class_source")
+
+    eps_hat, x_t2 = _step(lora_unet, latents, noise, cond.detach(), t1, t2)
+    with torch.no_grad():
+        eps = lambda c: lora_unet(x_t2, t2, encoder_hidden_states=c).sample  # noqa: E731
+        eps_personal, eps_class, eps_uncond_per = eps(cond.detach()), eps(cond_class), eps(uncond.expand(2, -1, -1))
+        with tp.lora_disabled(lora_unet):
+            g_pre = tp.classifier_free_guidance(eps(uncond.expand(2, -1, -1)), eps(cond_clean.expand(2, -1, -1)), 15.0)
+    d = g_pre - tp.classifier_free_guidance(eps_uncond_per, eps_class, 7.5)
+    loss = lambda direction: -(direction * eps_hat.detach()).flatten(1).mean(1).mean()  # noqa: E731
+    torch.testing.assert_close(loss_align.detach(), loss(d), atol=1e-5, rtol=1e-4)
+    # PALP's D differs from it by exactly -β·u, u the personalized model's identity direction at x̂_t2.
+    _, dds = _losses(lora_unet, tp.AlignmentConfig(), latents, noise, cond, cond_clean, uncond, t1, t2)
+    torch.testing.assert_close(dds.detach(), loss(d - 7.5 * (eps_personal - eps_class)), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(loss_align.detach(), dds.detach())
+    # Given ỹ_P = y_P it is DDS; its gradient reaches the token's conditioning through ε̂.
+    _, same = _losses(lora_unet, config, latents, noise, cond, cond_clean, uncond, t1, t2, cond_class=cond.detach())
+    assert torch.equal(same, dds)
     (grad,) = torch.autograd.grad(loss_align, cond)
     assert grad.abs().sum() > 0
 
@@ -144,6 +180,7 @@ def test_alignment_gradient_lands_where_asked(tiny_sd_path, instance_dir, tmp_pa
     "extra",
     [
         ["--alignment_mode", "class_delta"],
+        ["--alignment_mode", "class_source"],
         ["--alignment_mode", "teacher"],
         ["--alignment_projection", "identity", "--alignment_normalization", "none"],
     ],

@@ -112,6 +112,10 @@ MUTANTS = [
              "        if True:\n            sizes = torch.stack("),),
            ("test_calibration_averages_the_first_calls_then_holds_the_factor",)),
     # The mechanisms aimed at the identity (--alignment_mode class_delta / teacher, --alignment_projection identity).
+    Mutant("class_source given y_P instead of ỹ_P",
+           (('source = cond_class if config.mode == "class_source" else cond_personal',
+             'source = cond_personal if config.mode == "class_source" else cond_personal'),),
+           ("test_class_source_is_dds_with_the_class_phrase_for_the_personalized_prediction",)),
     Mutant("class-cancelling D with its sign flipped",
            (("    return scale * (eps_clean - eps_class)", "    return scale * (eps_class - eps_clean)"),),
            ("test_class_delta_is_the_difference_of_two_guided_predictions_and_does_not_see_the_unconditional",)),
