@@ -136,3 +136,18 @@ def test_heldout_script_on_a_small_slice_of_v2(tmp_path):
     (results / "verdict.md").unlink()
     subprocess.run(["bash", script], check=True, capture_output=True, env={**env, "ANALYSIS_ONLY": "1"})
     assert (results / "verdict.md").read_text() == verdict
+
+
+def test_every_frontier_configuration_names_its_mechanism_and_strength():
+    """frontier.sh's labels map to (mechanism, λ); a variant with other settings changed is not a point of a sweep."""
+    assert analysis.mechanism_of("PALP (paper)") == ("paper's D", 1.0)
+    assert analysis.mechanism_of("PALP λ=0.3") == ("paper's D", 0.3)
+    assert analysis.mechanism_of("PALP normalised D") == ("normalised D", 1.0)
+    assert analysis.mechanism_of("class-source DDS λ=0.6") == ("class-source DDS", 0.6)
+    assert analysis.mechanism_of("D on the token only λ=2") == ("D on the token only", 2.0)
+    assert analysis.mechanism_of("class-cancelling D λ=0.03") == ("class-cancelling D", 0.03)
+    assert analysis.mechanism_of("PALP normalised D α=β=7.5") is None
+    assert analysis.mechanism_of("TI+DB") is None
+    script = (REPO_ROOT / "examples" / "shapes_world" / "frontier.sh").read_text()
+    for prefix in ("class-source DDS λ=", "D on the token only λ=", "calibrated D λ=", "PALP normalised D λ="):
+        assert f'PREFIX="{prefix}"' in script, prefix

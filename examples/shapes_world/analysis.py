@@ -247,7 +247,8 @@ MECHANISM_PREFIXES = (("PALP (paper)", "paper's D"), ("PALP λ=", "paper's D"), 
                       ("class-cancelling D", "class-cancelling D"), ("identity-projected D", "identity-projected D"),
                       ("D on the LoRA only", "D on the LoRA only"), ("identity-bearing teacher",
                                                                     "identity-bearing teacher"),
-                      ("calibrated D", "calibrated D"))
+                      ("calibrated D", "calibrated D"), ("class-source DDS", "class-source DDS"),
+                      ("D on the token only", "D on the token only"))
 
 
 def mechanism_of(label):

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Alignment–fidelity frontiers on the development split (PROTOCOL.md, "Which configuration goes to v2"): TI+DB at
 # 100/200/300 steps and every mechanism's λ sweep at 100 and 200 steps, training seeds 0 and 1, the four dev pairs,
-# 16 samples per run; then analysis.py --frontier. Three processes, one thread each (several hours on 2 cores); runs
+# 16 samples per run; then analysis.py --frontier. Three processes, one thread each (about six hours on 2 cores); runs
 # already in a runs.csv are skipped, so an interrupted sweep resumes.
 #
 #   bash examples/shapes_world/frontier.sh            # from the repository root (or anywhere: it cds there)
 #
-# Writes runs/frontier_{ti,a,b,c}/runs.csv and examples/shapes_world/results/frontier/{frontier.md,frontier.png,runs_*.csv}.
+# Writes runs/frontier_{ti,a,b,c,d,e}/runs.csv and examples/shapes_world/results/frontier/{frontier.md,frontier.png,
+# runs_*.csv}.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
@@ -17,20 +18,27 @@ X=examples/shapes_world/experiment.py
 COMMON=(--split dev --pairs checkered_star:0 ringed_circle:1 orange_square:3 checkered_triangle:4 --seeds 0 1
         --num_samples 16)
 sweep() { for w in "$@"; do printf '%s\n' "$PREFIX$w"; done; }
+run() { part=$1; shift; $PYTHON $X "${COMMON[@]}" --configs "$@" --steps 100 200 --output_dir "${OUT}_${part}"; }
 
 ($PYTHON $X "${COMMON[@]}" --configs "TI+DB" --steps 100 200 300 --output_dir "${OUT}_ti"
- mapfile -t A < <(PREFIX="class-cancelling D λ=" sweep 0.1 0.3 0.6 1; PREFIX="identity-bearing teacher λ=" sweep 0.1 0.3 0.6 1
+ mapfile -t A < <(PREFIX="class-cancelling D λ=" sweep 0.03 0.1 0.3 0.6 1
+                  PREFIX="identity-bearing teacher λ=" sweep 0.1 0.3 0.6 1
                   PREFIX="identity-projected D λ=" sweep 0.1 0.3 0.6 1)
- $PYTHON $X "${COMMON[@]}" --configs "${A[@]}" --steps 100 200 --output_dir "${OUT}_a") > "${OUT}_a.log" 2>&1 &
-(mapfile -t B < <(echo "PALP (paper)"; PREFIX="PALP λ=" sweep 0.1 0.3 0.6; PREFIX="D on the LoRA only λ=" sweep 0.1 0.3 0.6 1)
- $PYTHON $X "${COMMON[@]}" --configs "${B[@]}" --steps 100 200 --output_dir "${OUT}_b") > "${OUT}_b.log" 2>&1 &
-(mapfile -t C < <(echo "PALP normalised D"; PREFIX="PALP normalised D λ=" sweep 0.5 1.5 2)
- $PYTHON $X "${COMMON[@]}" --configs "${C[@]}" --steps 100 200 --output_dir "${OUT}_c") > "${OUT}_c.log" 2>&1
+ run a "${A[@]}") > "${OUT}_a.log" 2>&1 &
+(mapfile -t B < <(echo "PALP (paper)"; PREFIX="PALP λ=" sweep 0.1 0.3 0.6
+                  PREFIX="D on the LoRA only λ=" sweep 0.03 0.1 0.3 0.6 1)
+ run b "${B[@]}"
+ mapfile -t C < <(echo "PALP normalised D"; PREFIX="PALP normalised D λ=" sweep 0.5 1.5 2)
+ run c "${C[@]}") > "${OUT}_b.log" 2>&1 &
+(mapfile -t D < <(PREFIX="calibrated D λ=" sweep 0.5 1 2 4)
+ run d "${D[@]}"
+ mapfile -t E < <(PREFIX="class-source DDS λ=" sweep 0.3 0.6 1 2; PREFIX="D on the token only λ=" sweep 0.3 0.6 1 2)
+ run e "${E[@]}") > "${OUT}_d.log" 2>&1
 wait
 
 mkdir -p "$RESULTS"
 RUNS=()
-for part in ti a b c; do
+for part in ti a b c d e; do
   cp "${OUT}_${part}/runs.csv" "$RESULTS/runs_${part}.csv"
   RUNS+=("$RESULTS/runs_${part}.csv")
 done
