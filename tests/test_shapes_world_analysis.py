@@ -151,3 +151,31 @@ def test_every_frontier_configuration_names_its_mechanism_and_strength():
     script = (REPO_ROOT / "examples" / "shapes_world" / "frontier.sh").read_text()
     for prefix in ("class-source DDS λ=", "D on the token only λ=", "calibrated D λ=", "PALP normalised D λ="):
         assert f'PREFIX="{prefix}"' in script, prefix
+
+
+def test_frontier_leaves_a_sweep_point_with_missing_runs_out_of_the_summaries():
+    """A λ whose runs are not all in yet is listed as incomplete, never chosen, and no curve goes through it."""
+    rng = np.random.default_rng(0)
+    pairs = [("checkered_star", 0), ("ringed_circle", 1), ("orange_square", 3), ("checkered_triangle", 4)]
+    columns = ("prompt_alignment", "subject_fidelity", "appearance_fidelity", "b_appearance_fidelity")
+
+    def row(config, subject, prompt, seed, steps, alignment, appearance):
+        values = {"prompt_alignment": alignment, "subject_fidelity": appearance, "appearance_fidelity": appearance,
+                  "b_appearance_fidelity": appearance}
+        return {"config": config, "split": "dev", "subject": subject, "prompt_index": float(prompt),
+                "train_seed": float(seed), "steps": float(steps),
+                **{c: float(np.clip(values[c] + rng.normal(0, 0.01), 0, 1)) for c in columns}}
+
+    rows = [row("TI+DB", s, p, seed, steps, 0.7, 0.8) for s, p in pairs for seed in (0, 1) for steps in (100, 200)]
+    for weight, (alignment, appearance) in {"0.3": (0.75, 0.8), "1": (0.85, 0.6)}.items():
+        rows += [row(f"PALP λ={weight}", s, p, seed, 100, alignment, appearance) for s, p in pairs for seed in (0, 1)]
+    # λ = 0.6 looks best of all (more alignment, full appearance), but only 3 of its 8 runs are in.
+    rows += [row("PALP λ=0.6", s, p, 0, 100, 0.95, 0.8) for s, p in pairs[:3]]
+    points, baselines, summaries = analysis.frontier(rows, "TI+DB", (100, 200), num_resamples=200)
+    incomplete = [p for p in points if not p["complete"]]
+    assert [(p["weight"], p["runs"]) for p in incomplete] == [(0.6, 3)]
+    (summary,) = summaries
+    assert summary["weights"] == [0.3, 1.0]
+    assert summary["best_eligible"]["weight"] == 0.3
+    text = analysis.format_frontier(points, baselines, summaries)
+    assert "| 3 (incomplete) |" in text and "PALP λ=0.6 at" not in text

@@ -312,8 +312,10 @@ def interpolate_at(points, x_key, y_key, level):
 
 def frontier(rows, baseline="TI+DB", candidates=(100, 200, 300), num_resamples=2000):
     """Every λ-sweep point against ``baseline`` at its best step counts, grouped by (mechanism, steps), with each
-    curve's gain at appearance ratio 0.95 and appearance ratio at gain +0.10."""
+    curve's gain at appearance ratio 0.95 and appearance ratio at gain +0.10. A point with fewer runs than the
+    baseline has at a step count (a sweep still running) is listed as incomplete and left out of the summaries."""
     available = [s for s in candidates if select(rows, f"{baseline}@{s}")]
+    expected = min(len(select(rows, f"{baseline}@{s}")) for s in available) if available else 0
     points = []
     for config, steps in dict.fromkeys((r["config"], int(r["steps"])) for r in rows):
         found = mechanism_of(config)
@@ -324,6 +326,7 @@ def frontier(rows, baseline="TI+DB", candidates=(100, 200, 300), num_resamples=2
                        "gain_estimate": result["gain"][0],
                        "alignment": float(np.mean([r["prompt_alignment"] for r in select(rows, f"{config}@{steps}")])),
                        "runs": len(select(rows, f"{config}@{steps}"))})
+        points[-1]["complete"] = points[-1]["runs"] >= expected
     baselines = []
     for steps in available:
         sel = select(rows, f"{baseline}@{steps}")
@@ -333,7 +336,8 @@ def frontier(rows, baseline="TI+DB", candidates=(100, 200, 300), num_resamples=2
         baselines[-1]["alignment"] = float(np.mean([r["prompt_alignment"] for r in sel]))
     curves = {}
     for p in points:
-        curves.setdefault((p["mechanism"], p["steps"]), []).append(p)
+        if p["complete"]:
+            curves.setdefault((p["mechanism"], p["steps"]), []).append(p)
     summaries = []
     for (mechanism, steps), curve in sorted(curves.items()):
         curve.sort(key=lambda p: p["weight"])
@@ -351,7 +355,8 @@ def format_frontier(points, baselines, summaries):
              "appearance ratio B | fidelity ratio (with class) |", "|---|---|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["mechanism"], p["steps"], p["weight"])):
         g = p["gain"]
-        lines.append(f"| {p['mechanism']} | {p['weight']:g} | {p['steps']} | {p['runs']} | {p['alignment']:.3f} | "
+        runs = p["runs"] if p["complete"] else f"{p['runs']} (incomplete)"
+        lines.append(f"| {p['mechanism']} | {p['weight']:g} | {p['steps']} | {runs} | {p['alignment']:.3f} | "
                      f"{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}] | {fmt(p['appearance_A'])} | {fmt(p['appearance_B'])} | "
                      f"{fmt(p['fidelity'])} |")
     lines += ["", "TI+DB itself, against the same references:", "",
@@ -374,7 +379,7 @@ def format_frontier(points, baselines, summaries):
                      + (f"{s['appearance_at_010']:.2f}" if s["appearance_at_010"] is not None else "not crossed")
                      + " | " + (f"λ={best['weight']:g}: {best['gain'][0]:+.3f} at {best['appearance']:.2f}"
                                 if best else "none") + " |")
-    eligible = [p for p in points if p["appearance"] >= V2_APPEARANCE_GOAL]
+    eligible = [p for p in points if p["complete"] and p["appearance"] >= V2_APPEARANCE_GOAL]
     if eligible:
         best = max(eligible, key=lambda p: p["gain"][0])
         lines += ["", f"**Most alignment at appearance ≥ 0.95: {best['config']} at {best['steps']} steps, gain "
@@ -394,7 +399,8 @@ def plot_frontier(points, baselines, path):
         for i, mechanism in enumerate(mechanisms):
             colour = plt.get_cmap("tab10")(i % 10)
             for steps, style in ((100, ":"), (200, "-"), (300, "--")):
-                curve = sorted((p for p in points if p["mechanism"] == mechanism and p["steps"] == steps),
+                curve = sorted((p for p in points if p["complete"] and p["mechanism"] == mechanism
+                                and p["steps"] == steps),
                                key=lambda p: p["weight"])
                 if not curve:
                     continue
