@@ -2920,7 +2920,7 @@ def hub_base_model(name_or_path):
         match = re.fullmatch(r"models--([^/]+?)--(.+)", part)
         if match and repo_id(f"{match[1]}/{match[2]}"):
             return f"{match[1]}/{match[2]}"
-    for name in ("model_index.json", "unet/config.json", "text_encoder/config.json"):
+    for name in ("model_index.json", "unet/config.json", "transformer/config.json", "text_encoder/config.json"):
         try:
             recorded = json.loads((folder / name).read_text()).get("_name_or_path")
         except (OSError, ValueError, AttributeError):

@@ -3,7 +3,10 @@ StableDiffusion3Pipeline.encode_prompt builds it, the PALP losses on the MMDiT a
 a stock StableDiffusion3Pipeline, resume, the multi-subject script, and the models PALP refuses."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_palp as tp
-from conftest import write_instance_images
+from conftest import REPO_ROOT, write_instance_images
 from test_train_palp import TARGET, TOKEN, base_args, train
 
 
@@ -140,6 +143,24 @@ def test_outputs_load_into_a_fresh_pipeline_and_change_its_image(trained, tiny_s
             run.cond_clean.denoise(pipe.transformer, x, t), run.cond_clean.denoise(run.base_unet, x, t),
             atol=1e-5, rtol=1e-5,
         )  # fmt: skip
+
+
+def test_accelerate_launch_sd3_outputs_load_into_a_fresh_pipeline(tiny_sd3_path, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_palp.py"),
+        *base_args(tiny_sd3_path, instance_dir, out, "--max_train_steps", "2"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "samples" / "final_0.png").is_file()
+    pipe = load_pipeline(tiny_sd3_path)
+    base_image = generate(pipe, TARGET)
+    pipe.load_lora_weights(out)
+    load_into(pipe, out)
+    assert abs(generate(pipe, TARGET) - base_image).max() > 1e-3
 
 
 def test_lora_off_gives_the_base_model_exactly(trained, tiny_sd3_path):
