@@ -1768,6 +1768,7 @@ class SD3TextConditioner(TextConditioner):
         super().__init__(tokenizers, model_index)
         self.t5_tokenizer, self.t5 = t5_tokenizer, None
         self.joint_attention_dim = None
+        self.t5_cache = {}  # T5's sequence per distinct prompt: T5 is frozen and never sees the token
 
     @classmethod
     def load_tokenizers(cls, path, model_index, **common):
@@ -1826,9 +1827,21 @@ class SD3TextConditioner(TextConditioner):
             shape = (clip.shape[0], self.max_sequence_length, self.joint_attention_dim)
             t5 = torch.zeros(shape, device=clip.device, dtype=clip.dtype)
         else:
-            t5 = self.t5(input_ids[2])[0].to(clip.dtype)
+            t5 = self.t5_states(input_ids[2]).to(clip.dtype)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return SD3Conditioning(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
+
+    def t5_states(self, ids):
+        """T5's last hidden states of each row of ``ids``, computed once per distinct prompt and reused: y_P's T5 part
+        is the same every step, so the large frozen encoder runs once per prompt, not once per step."""
+        rows = []
+        for row in ids:
+            key = tuple(row.tolist())
+            if key not in self.t5_cache:
+                with torch.no_grad():
+                    self.t5_cache[key] = self.t5(row[None])[0]
+            rows.append(self.t5_cache[key])
+        return torch.cat(rows)
 
     def pipeline(self, vae, unet, scheduler, text_encoders=None):
         encoders = text_encoders or self.text_encoders

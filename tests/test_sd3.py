@@ -120,6 +120,23 @@ def test_training_conditioning_equals_the_pipeline_encode_prompt(which, request,
     assert (t5_part.abs().sum() == 0) == (which == "trained_without_t5")
 
 
+def test_t5_runs_once_per_distinct_prompt(tiny_sd3_path, tmp_path, monkeypatch):
+    """y_P's T5 part never changes (T5 is frozen and has no token): T5 encodes y_P, y_c and ∅ once each, whatever
+    the number of steps."""
+    calls = []
+    original = tp.SD3TextConditioner.load_text_encoders
+
+    def counting(self, *args, **kwargs):
+        encoders = original(self, *args, **kwargs)
+        self.t5.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+        return encoders
+
+    monkeypatch.setattr(tp.SD3TextConditioner, "load_text_encoders", counting)
+    run = train(tiny_sd3_path, str(write_instance_images(tmp_path / "i")), tmp_path / "out", "--max_train_steps", "3",
+                "--num_validation_images", "0", "--train_batch_size", "2")  # fmt: skip
+    assert calls == [1, 1, 1] and len(run.conditioner.t5_cache) == 3
+
+
 def test_outputs_load_into_a_fresh_pipeline_and_change_its_image(trained, tiny_sd3_path):
     run, out = trained
     pipe = load_pipeline(tiny_sd3_path)
