@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny Stable Diffusion pipeline built from configs, saved to a local folder.
+"""Shared fixtures: tiny Stable Diffusion, SDXL and SD3 pipelines built from configs, saved to local folders.
 
 Nothing here touches the Hugging Face Hub. The tokenizer is a real byte-level BPE CLIP tokenizer whose vocabulary
 and merges are generated on the spot, so prompts tokenize exactly as they would with the real one (words of the
@@ -231,105 +231,6 @@ def build_tiny_sdxl(path, seed=0, force_zeros_for_empty_prompt=True, legacy_pool
     return pipe
 
 
-def write_instance_images(folder, n=3, size=24, seed=0):
-    """Write ``n`` small coloured-square photos (a stand-in subject) to ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        arr = np.full((size, size, 3), 128, dtype=np.uint8)
-        lo, hi = size // 4, 3 * size // 4
-        arr[lo:hi, lo:hi] = rng.integers(0, 255, size=3, dtype=np.uint8)
-        Image.fromarray(arr).save(folder / f"subject_{i}.png")
-    return folder
-
-
-def load_example(name):
-    """Import ``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_fake_training_output(base_path, out, token="<palp-cat>", seed=0):
-    """What train_palp.py leaves in its --output_dir, made by hand: a diffusers-format UNet LoRA with a visible effect
-    and one token embedding. Returns the embedding row."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    torch.manual_seed(seed)
-    unet = StableDiffusionPipeline.from_pretrained(base_path).unet
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():
-        # LoRA B starts at zero (a no-op); make it large enough to change the images visibly.
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5)
-    out = Path(out)
-    StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    )
-    row = torch.randn(32)
-    save_file({token: row[None]}, out / "learned_embeds.safetensors")
-    return row
-
-
-@pytest.fixture(scope="session")
-def tiny_sd_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-sd")
-    build_tiny_sd(path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def tiny_sd_vpred_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-sd-vpred")
-    build_tiny_sd(path, prediction_type="v_prediction")
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-sdxl")
-    build_tiny_sdxl(path)
-    return str(path)
-
-
-@pytest.fixture
-def instance_dir(tmp_path):
-    return str(write_instance_images(tmp_path / "instance"))
-
-
-def folder_snapshot(folder):
-    """Every file below ``folder`` with its bytes and modification time, and every subfolder: equal snapshots mean
-    nothing was written, created or deleted in between."""
-    folder = Path(folder)
-    return {
-        path.relative_to(folder).as_posix(): (path.read_bytes(), path.stat().st_mtime_ns) if path.is_file() else None
-        for path in folder.rglob("*")
-    }
-
-
-def reset_accelerate_state():
-    """accelerate keeps process-wide singletons; a second in-process training run needs them cleared."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    reset_accelerate_state()
-
-
 def build_tiny_t5_tokenizer(words=TINY_WORDS):
     """A T5 tokenizer (SentencePiece-style unigram) over the tiny vocabulary, made on the spot: known words are one
     piece, anything else falls back to single characters."""
@@ -422,6 +323,75 @@ def build_tiny_sd3(path, seed=0, with_t5=True):
     return pipe
 
 
+def write_instance_images(folder, n=3, size=24, seed=0):
+    """Write ``n`` small coloured-square photos (a stand-in subject) to ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        arr = np.full((size, size, 3), 128, dtype=np.uint8)
+        lo, hi = size // 4, 3 * size // 4
+        arr[lo:hi, lo:hi] = rng.integers(0, 255, size=3, dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"subject_{i}.png")
+    return folder
+
+
+def load_example(name):
+    """Import ``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_fake_training_output(base_path, out, token="<palp-cat>", seed=0):
+    """What train_palp.py leaves in its --output_dir, made by hand: a diffusers-format UNet LoRA with a visible effect
+    and one token embedding. Returns the embedding row."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    unet = StableDiffusionPipeline.from_pretrained(base_path).unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        # LoRA B starts at zero (a no-op); make it large enough to change the images visibly.
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    out = Path(out)
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    )
+    row = torch.randn(32)
+    save_file({token: row[None]}, out / "learned_embeds.safetensors")
+    return row
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_sd(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_vpred_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd-vpred")
+    build_tiny_sd(path, prediction_type="v_prediction")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    build_tiny_sdxl(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd3")
@@ -434,3 +404,33 @@ def tiny_sd3_no_t5_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd3-no-t5")
     build_tiny_sd3(path, with_t5=False)
     return str(path)
+
+
+@pytest.fixture
+def instance_dir(tmp_path):
+    return str(write_instance_images(tmp_path / "instance"))
+
+
+def folder_snapshot(folder):
+    """Every file below ``folder`` with its bytes and modification time, and every subfolder: equal snapshots mean
+    nothing was written, created or deleted in between."""
+    folder = Path(folder)
+    return {
+        path.relative_to(folder).as_posix(): (path.read_bytes(), path.stat().st_mtime_ns) if path.is_file() else None
+        for path in folder.rglob("*")
+    }
+
+
+def reset_accelerate_state():
+    """accelerate keeps process-wide singletons; a second in-process training run needs them cleared."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate_state()
