@@ -2428,6 +2428,18 @@ def native_resolution(unet, vae):
     return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+# Copied from train_palp.check_resolution
+def check_resolution(resolution, unet, vae):
+    """A transformer cuts the latents into patch_size × patch_size patches (SD3: 2, so images in multiples of 16
+    pixels); a UNet takes any latent size, so the multiple of 8 that --resolution already has is enough there."""
+    multiple = 2 ** (len(vae.config.block_out_channels) - 1) * (unet.config.get("patch_size") or 1)
+    if resolution % multiple:
+        raise UserInputError(
+            f"--resolution {resolution} must be a multiple of {multiple} for this model (VAE scale factor × the "
+            f"transformer's patch size), e.g. {resolution - resolution % multiple + multiple}."
+        )
+
+
 # Copied from train_palp.add_lora
 def add_lora(unet, rank, alpha, dropout, target_modules=LORA_TARGET_MODULES):
     """LoRA on the attention projections: a UNet's self- and cross-attention (to_q, to_k, to_v, to_out.0), as in the
@@ -3217,6 +3229,7 @@ def prepare_models(args, accelerator, conditioner, tokens, class_names):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     conditioner.resolution = args.resolution or native_resolution(unet, vae)
+    check_resolution(conditioner.resolution, unet, vae)
     return vae, unet, noise_scheduler, lora_config, weight_dtype
 
 

@@ -242,12 +242,12 @@ def build_tiny_t5_tokenizer(words=TINY_WORDS):
     return T5TokenizerFast(vocab=vocab, extra_ids=0)
 
 
-def build_tiny_sd3(path, seed=0, with_t5=True):
+def build_tiny_sd3(path, seed=0, with_t5=True, vae_blocks=2):
     """Write a tiny, randomly initialised Stable Diffusion 3 pipeline to ``path`` and return it. The two CLIP encoders
     have different widths (8 and 16, projections 8 and 16, so swapping them fails on shape); CLIP's concatenation (24
     wide) is padded to T5's width 32 as the pipeline pads it. ``with_t5=False`` saves it without ``text_encoder_3``,
-    whose part of the sequence is then zeros. The VAE has SD3's ``shift_factor``; the scheduler is SD3's shifted
-    FlowMatchEulerDiscreteScheduler."""
+    whose part of the sequence is then zeros. The VAE has SD3's ``shift_factor`` and ``vae_blocks`` blocks (scale factor
+    2 ** (vae_blocks - 1)); the scheduler is SD3's shifted FlowMatchEulerDiscreteScheduler."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -295,11 +295,11 @@ def build_tiny_sd3(path, seed=0, with_t5=True):
         out_channels=4,
     )
     vae = AutoencoderKL(
-        block_out_channels=(8, 16),
+        block_out_channels=(8, 16, 16, 16)[:vae_blocks],
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
         latent_channels=4,
         norm_num_groups=8,
         sample_size=32,

@@ -316,6 +316,21 @@ def test_models_palp_cannot_train_fail_with_one_clear_message_before_any_weights
         assert "no unconditional prediction" in message and "SD3/3.5" in message
 
 
+def test_resolution_must_fit_the_transformers_patches(tmp_path):
+    """VAE scale 8 × patch size 2: 24 px (a multiple of 8) gives 3 × 3 latents, which 2 × 2 patches cannot tile."""
+    from conftest import build_tiny_sd3
+
+    build_tiny_sd3(tmp_path / "model", with_t5=False, vae_blocks=4)
+    argv = base_args(str(tmp_path / "model"), str(write_instance_images(tmp_path / "i")), tmp_path / "out")
+    argv[argv.index("--resolution") + 1] = "24"
+    with pytest.raises(SystemExit) as info:
+        tp.cli(argv)
+    assert str(info.value) == (
+        "error: --resolution 24 must be a multiple of 16 for this model (VAE scale factor × the transformer's patch "
+        "size), e.g. 32."
+    )
+
+
 # ------------------------------------------------------------------------------------------------ PALP's losses on SD3
 def _sd3_reference_losses(model, inputs, config):
     """The PALP terms on SD3 written out from the formulas alone: x_t = (1 - σ)x0 + σε; the SD3 DreamBooth-LoRA loss
