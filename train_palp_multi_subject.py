@@ -1538,8 +1538,8 @@ def palp_losses(
 ):
     """One PALP step's two loss terms; returns (L_pers, L_align). Only L_pers's forward pass carries a gradient.
 
-    ``unet`` is the (possibly distributed) training model, ``base_unet`` the same module unwrapped, whose LoRA can be
-    switched off for the pre-trained prediction. ``cond_personal`` is y_P per sample (with gradient to [V]);
+    ``unet`` is the (possibly distributed) training denoiser (a UNet, or SD3's transformer), ``base_unet`` the same
+    module unwrapped, whose LoRA can be switched off for the pre-trained prediction. ``cond_personal`` is y_P per sample (with gradient to [V]);
     ``cond_clean`` and ``uncond`` are fixed embeddings of y_c and ∅ with batch dimension 1. ``cond_class`` is ỹ_P
     per sample (y_P with the class phrase for the token), needed by ``class_delta`` and the identity projection;
     ``cond_teacher`` the target prompt with the learned token, batch dimension 1, needed by ``teacher``. All are
