@@ -24,7 +24,8 @@ Run ``python train_palp.py --help`` for every flag, its default and where the de
       --instance_data_dir ./my_cat --placeholder_token "<my-cat>" --class_name cat \\
       --target_prompt "A sketch of <my-cat> in Paris" --output_dir palp-cat-sketch --mixed_precision fp16
 
-The same command trains Stable Diffusion 1.x/2.x and SDXL: the model folder's ``model_index.json`` says which.
+The same command trains Stable Diffusion 1.x/2.x, SDXL and Stable Diffusion 3 / 3.5: the model folder's
+``model_index.json`` says which.
 The result loads into a stock ``StableDiffusionPipeline``:
 
     pipe.load_lora_weights("palp-cat-sketch")
@@ -38,6 +39,9 @@ or, for SDXL, into a ``StableDiffusionXLPipeline`` (the embedding file holds one
                                 tokenizer=pipe.tokenizer)
     pipe.load_textual_inversion(state["clip_g"], token="<my-cat>", text_encoder=pipe.text_encoder_2,
                                 tokenizer=pipe.tokenizer_2)
+
+SD3's pipeline has no ``load_textual_inversion``: the model card shows the lines that add the token to both CLIP
+tokenizers and set its rows from the same ``{"clip_l", "clip_g"}`` file.
 """
 
 import argparse
@@ -50,7 +54,7 @@ import re
 import shutil
 import signal
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +67,9 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -83,7 +90,13 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 logger = get_logger(__name__)
 
@@ -827,13 +840,26 @@ class RectifiedFlowProcess(NoiseProcess):
     2ω(v̂ - v)/N = 2ω(ε̂ - ε)/((1 - σ1)N) and -w·ω·D/((1 - σ1)N): their ratio is the ε-model's, -w·D/(2(ε̂ - ε)), at
     every σ1, so λ means what it means for SD 1.x/2.x and SDXL. The cost: both pushes on v̂ grow as 1/(1 - σ1) where
     the ε-picture does (at σ1 = 0.98, 50×), which is why σ = 1 is refused and the t bounds stay in force.
+
+    ``precondition_outputs`` is the SD3 script's flag of the same name (on by default there, and for SD3 here): the
+    loss compares the preconditioned output x_t - σ · v̂ = x̂0 with x0, ω(σ) · ‖x̂0 - x0‖² = ω(σ) · σ² · ‖v̂ - v‖², the
+    same target with the weight ω(σ) · σ² on ‖v̂ - v‖²; the balance follows the weight (ω σ² / (1 - σ)²).
     """
 
-    def __init__(self, sigmas, weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
+    def __init__(
+        self,
+        sigmas,
+        weighting_scheme="logit_normal",
+        logit_mean=0.0,
+        logit_std=1.0,
+        mode_scale=1.29,
+        precondition_outputs=False,
+    ):
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         self.num_train_timesteps = len(self.sigmas)
         self.weighting_scheme = weighting_scheme
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.precondition_outputs = precondition_outputs
 
     @classmethod
     def from_scheduler(cls, scheduler, **density):
@@ -869,8 +895,13 @@ class RectifiedFlowProcess(NoiseProcess):
         """ω(σ) of diffusers' SD3 script (1 for its default logit-normal density)."""
         return compute_loss_weighting_for_sd3(self.weighting_scheme, self.sigma(t).float())
 
+    def output_weighting(self, t):
+        """The weight of ‖v̂ - v‖² in L_pers: ω(σ), times σ² with preconditioned outputs (‖x̂0 - x0‖ = σ‖v̂ - v‖)."""
+        weight = self.loss_weighting(t)
+        return weight * self.sigma(t).float() ** 2 if self.precondition_outputs else weight
+
     def personalization_loss(self, model_output, x0, noise, t):
-        weight = _per_sample(self.loss_weighting(t), model_output).float()
+        weight = _per_sample(self.output_weighting(t), model_output).float()
         error = (model_output.float() - self.target(x0, noise, t).float()) ** 2
         return (weight * error).flatten(1).mean(dim=1).mean()
 
@@ -878,7 +909,7 @@ class RectifiedFlowProcess(NoiseProcess):
         return self.sigma(t) ** 2
 
     def alignment_balance(self, t1):
-        return self.loss_weighting(t1) / (1 - self.sigma(t1).float()) ** 2
+        return self.output_weighting(t1) / (1 - self.sigma(t1).float()) ** 2
 
     def x0_epsilon_gain(self, t):
         sigma = self.sigma(t)
@@ -1164,25 +1195,24 @@ def lora_disabled(unet):
 
 @dataclass
 class Conditioning:
-    """What a UNet call is conditioned on, as one value: the text hidden states and, for SDXL, the pooled text
-    embedding and the micro-conditioning ``time_ids`` (diffusers' ``added_cond_kwargs``). The PALP functions only
-    batch, detach and pass it on, so they do not know which model family they run on. A plain tensor stands for
-    hidden states alone (SD 1.x/2.x)."""
+    """What a denoiser call is conditioned on, as one value, and the call itself: :meth:`denoise` feeds it to the
+    model the way the family's pipeline does. This class is SD 1.x/2.x: text hidden states alone, passed to the UNet
+    as ``encoder_hidden_states`` (a plain tensor stands for it). :class:`SDXLConditioning` adds SDXL's
+    ``added_cond_kwargs``, :class:`SD3Conditioning` SD3's pooled projections and transformer call. The PALP functions
+    only batch, detach and pass it on, so they do not know which model family they run on."""
 
     hidden: torch.Tensor
-    text_embeds: torch.Tensor = None
-    time_ids: torch.Tensor = None
-    # The alignment passes see a prompt as inference does: SDXL's time_ids (res, res, 0, 0, res, res) rather than
-    # the photo's real size and crop. None: the same as time_ids.
-    alignment_time_ids: torch.Tensor = None
 
     @classmethod
     def of(cls, value):
-        return value if isinstance(value, cls) else cls(value)
+        return value if isinstance(value, Conditioning) else cls(value)
+
+    def tensors(self):
+        """Its fields in order, None where a family leaves one out."""
+        return [getattr(self, field.name) for field in fields(self)]
 
     def _map(self, fn):
-        fields = (self.hidden, self.text_embeds, self.time_ids, self.alignment_time_ids)
-        return Conditioning(*(None if v is None else fn(v) for v in fields))
+        return type(self)(*(None if v is None else fn(v) for v in self.tensors()))
 
     def expand(self, batch):
         return self._map(lambda v: v.expand(batch, *v.shape[1:]))
@@ -1194,25 +1224,71 @@ class Conditioning:
         return self._map(torch.Tensor.detach)
 
     def for_alignment(self):
+        """Gradient-free, as the alignment passes see a prompt."""
+        return self.detach()
+
+    def zeroed(self):
+        """∅ as zeros, for a model that says ``force_zeros_for_empty_prompt``."""
+        return self._map(torch.zeros_like)
+
+    @staticmethod
+    def cat(conds):
+        columns = zip(*(c.tensors() for c in conds))
+        return type(conds[0])(*(None if values[0] is None else torch.cat(values) for values in columns))
+
+    def unet_kwargs(self):
+        return {"encoder_hidden_states": self.hidden}
+
+    def denoise(self, model, x_t, t):
+        """The model's raw output at (x_t, t) under this conditioning."""
+        return model(x_t, t, **self.unet_kwargs()).sample
+
+
+@dataclass
+class SDXLConditioning(Conditioning):
+    """SDXL: the hidden states, the pooled text embedding and the micro-conditioning ``time_ids`` (diffusers'
+    ``added_cond_kwargs``)."""
+
+    text_embeds: torch.Tensor = None
+    time_ids: torch.Tensor = None
+    # The alignment passes see a prompt as inference does: SDXL's time_ids (res, res, 0, 0, res, res) rather than
+    # the photo's real size and crop. None: the same as time_ids.
+    alignment_time_ids: torch.Tensor = None
+
+    def for_alignment(self):
         """Gradient-free, with the time_ids of inference."""
         cond = self.detach()
         if cond.alignment_time_ids is not None:
             cond.time_ids = cond.alignment_time_ids
         return cond
 
-    @staticmethod
-    def cat(conds):
-        def joined(name):
-            values = [getattr(c, name) for c in conds]
-            return None if values[0] is None else torch.cat(values)
-
-        return Conditioning(*(joined(n) for n in ("hidden", "text_embeds", "time_ids", "alignment_time_ids")))
+    def zeroed(self):
+        """Zero text, the time_ids kept: what the pipeline's ∅ is under ``force_zeros_for_empty_prompt``."""
+        cond = self._map(lambda v: v)
+        cond.hidden, cond.text_embeds = torch.zeros_like(self.hidden), torch.zeros_like(self.text_embeds)
+        return cond
 
     def unet_kwargs(self):
-        if self.text_embeds is None:  # SD 1.x/2.x: the call the UNet has always received
-            return {"encoder_hidden_states": self.hidden}
         added = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
         return {"encoder_hidden_states": self.hidden, "added_cond_kwargs": added}
+
+
+@dataclass
+class SD3Conditioning(Conditioning):
+    """SD3: the joint sequence [CLIP-L ‖ CLIP-G, zero-padded to T5's width ; T5] and the pooled projections (both
+    CLIP encoders' pooled embeddings, concatenated), fed to the MMDiT as ``StableDiffusion3Pipeline`` feeds it: the
+    timestep is the scheduler's, σ · 1000."""
+
+    pooled: torch.Tensor = None
+
+    def denoise(self, model, x_t, t):
+        return model(
+            hidden_states=x_t,
+            timestep=t,
+            encoder_hidden_states=self.hidden,
+            pooled_projections=self.pooled,
+            return_dict=False,
+        )[0]
 
 
 def batched_epsilon(unet, x_t, t, conds, process):
@@ -1220,7 +1296,7 @@ def batched_epsilon(unet, x_t, t, conds, process):
     n = len(conds)
     both = Conditioning.cat([Conditioning.of(c) for c in conds])
     x, ts = torch.cat([x_t] * n), torch.cat([t] * n)
-    out = unet(x, ts, **both.unet_kwargs()).sample
+    out = both.denoise(unet, x, ts)
     return process.epsilon(out.float(), x.float(), ts).chunk(n)
 
 
@@ -1231,7 +1307,7 @@ def guided_epsilon(unet, x_t, t, cond, uncond, scale, process):
     output, so guiding ε̂ is guiding the output (v^s = v_∅ + s · (v_c - v_∅) for a velocity model)."""
     cond = Conditioning.of(cond)
     if scale == 1.0:
-        out = unet(x_t, t, **cond.unet_kwargs()).sample
+        out = cond.denoise(unet, x_t, t)
         return process.epsilon(out.float(), x_t.float(), t)
     uncond = Conditioning.of(uncond).to(cond.hidden.dtype).expand(x_t.shape[0])
     eps_cond, eps_uncond = batched_epsilon(unet, x_t, t, [cond, uncond], process)
@@ -1257,8 +1333,8 @@ def palp_losses(
 ):
     """One PALP step's two loss terms; returns (L_pers, L_align). Only L_pers's forward pass carries a gradient.
 
-    ``unet`` is the (possibly distributed) training model, ``base_unet`` the same module unwrapped, whose LoRA can be
-    switched off for the pre-trained prediction. ``cond_personal`` is y_P per sample (with gradient to [V]);
+    ``unet`` is the (possibly distributed) training denoiser (a UNet, or SD3's transformer), ``base_unet`` the same
+    module unwrapped, whose LoRA can be switched off for the pre-trained prediction. ``cond_personal`` is y_P per sample (with gradient to [V]);
     ``cond_clean`` and ``uncond`` are fixed embeddings of y_c and ∅ with batch dimension 1. ``cond_class`` is ỹ_P
     per sample (y_P with the class phrase for the token), needed by ``class_delta``, ``class_source`` and the
     identity projection;
@@ -1270,7 +1346,7 @@ def palp_losses(
     """
     cond_personal, cond_clean = Conditioning.of(cond_personal), Conditioning.of(cond_clean)
     x_t1 = process.add_noise(latents, noise, t1)
-    model_output = unet(x_t1, t1, **cond_personal.unet_kwargs()).sample
+    model_output = cond_personal.denoise(unet, x_t1, t1)
     loss_pers = process.personalization_loss(model_output, latents, noise, t1)
     if config.mode == "none" or config.weight == 0:
         return loss_pers, torch.zeros_like(loss_pers)
@@ -1465,9 +1541,11 @@ def encode_prompts(text_encoder, input_ids):
 
 
 class TextConditioner:
-    """What differs between model families, in one place: how prompts become UNet conditioning, what ∅ is, which
-    files hold the embedding and which pipeline loads the result. This class is SD 1.x/2.x: one CLIP text encoder,
-    its last hidden state; ∅ is the encoded empty prompt; the embedding file is ``{token: [1, dim]}``.
+    """What differs between model families, in one place: how prompts become the denoiser's conditioning (whose
+    :meth:`Conditioning.denoise` calls the denoiser), what ∅ is, which denoiser, schedule and noise process the model
+    has, where its LoRA goes, which files hold the embedding and which pipeline loads the result. This class is SD
+    1.x/2.x: one CLIP text encoder, its last hidden state, a UNet on a DDPM schedule; ∅ is the encoded empty prompt;
+    the embedding file is ``{token: [1, dim]}``.
 
     It owns the tokenizers, the text encoders (``text_encoders`` may be replaced by their accelerate-prepared
     versions) and one PlaceholderEmbedding per encoder.
@@ -1481,12 +1559,25 @@ class TextConditioner:
     load_imports = ""  # what the model card's snippet imports besides diffusers
     guidance_scale = 7.5  # the pipeline's default, validation's unless --validation_guidance_scale says otherwise
     card_tags = ("stable-diffusion",)
+    denoiser_class, denoiser_folder = UNet2DConditionModel, "unet"
+    scheduler_class = DDPMScheduler  # the training schedule, read from the model's scheduler config
+    lora_target_modules = LORA_TARGET_MODULES
+    kohya_lora = True  # a kohya/WebUI copy of the LoRA is written too
 
     def __init__(self, tokenizers, model_index=None):
         self.tokenizers = list(tokenizers)
         self.model_index = model_index or {}
         self.text_encoders, self.embeddings = [], []
         self.resolution = None
+
+    @classmethod
+    def load_tokenizers(cls, path, model_index, **common):
+        """The constructor's tokenizer arguments, loaded from the model folder."""
+        return {
+            "tokenizers": [
+                CLIPTokenizer.from_pretrained(path, subfolder=folder, **common) for folder in cls.tokenizer_folders
+            ]
+        }
 
     @property
     def zero_uncond(self):
@@ -1498,6 +1589,19 @@ class TextConditioner:
             for model_class, folder in zip(self.encoder_classes, self.encoder_folders)
         ]
         return self.text_encoders
+
+    @property
+    def frozen_encoders(self):
+        """Text encoders that get no placeholder token (none here; SD3's T5): frozen, never prepared by accelerate."""
+        return []
+
+    def noise_process(self, noise_scheduler, device=None):
+        """The training noise process of the model's schedule."""
+        return ddpm_process(noise_scheduler, device)
+
+    def validation_scheduler(self, noise_scheduler):
+        """The sampler of validation images: a fast multistep solver on the model's own schedule."""
+        return DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
 
     def add_placeholder_tokens(self, tokens, class_names):
         """[V] in every tokenizer and encoder, each row initialised from its own encoder's class-noun rows."""
@@ -1514,9 +1618,13 @@ class TextConditioner:
     def tokenize(self, prompts):
         return tuple(tokenize(tokenizer, prompts) for tokenizer in self.tokenizers)
 
+    def image_geometry(self, original_size, crop, resolution):
+        """What the family conditions on about a training photo besides its pixels: nothing here; SDXL's time_ids."""
+        return None
+
     def encode(self, input_ids, image_geometry=None):
-        """Conditioning of the token ids from :meth:`tokenize`; ``image_geometry`` [B, 6] (original size, crop,
-        target size of each photo) matters only to SDXL."""
+        """Conditioning of the token ids from :meth:`tokenize`; ``image_geometry`` stacks :meth:`image_geometry` of
+        each photo (None for a family without one)."""
         return Conditioning(encode_prompts(self.text_encoders[0], input_ids[0]))
 
     def encode_fixed(self, clean_prompt, device, dtype):
@@ -1527,12 +1635,9 @@ class TextConditioner:
     def encode_fixed_ids(self, input_ids, device, dtype):
         """:meth:`encode_fixed` from the token ids of [y_c, ∅], one [2, 77] tensor per tokenizer."""
         with torch.no_grad():
-            fixed = self.encode(tuple(i.to(device) for i in input_ids)).to(dtype)
-        fixed.time_ids = fixed.alignment_time_ids
+            fixed = self.encode(tuple(i.to(device) for i in input_ids)).to(dtype).for_alignment()
         cond_clean, uncond = fixed._map(lambda v: v[:1]), fixed._map(lambda v: v[1:])
-        if self.zero_uncond:
-            uncond.hidden, uncond.text_embeds = torch.zeros_like(uncond.hidden), torch.zeros_like(uncond.text_embeds)
-        return cond_clean, uncond
+        return cond_clean, uncond.zeroed() if self.zero_uncond else uncond
 
     def keys_for(self, token):
         return list(self.embedding_keys or [token])
@@ -1597,7 +1702,11 @@ class SDXLTextConditioner(TextConditioner):
         pooled = out.text_embeds
         time_ids = None if image_geometry is None else image_geometry.to(pooled.device, pooled.dtype)
         alignment_time_ids = self.inference_time_ids(pooled.shape[0], pooled.device).to(pooled.dtype)
-        return Conditioning(torch.cat(hidden, dim=-1), pooled, time_ids, alignment_time_ids)
+        return SDXLConditioning(torch.cat(hidden, dim=-1), pooled, time_ids, alignment_time_ids)
+
+    def image_geometry(self, original_size, crop, resolution):
+        """SDXL's micro-conditioning of a photo: original (height, width), crop (top, left) and target size."""
+        return torch.tensor([[*original_size, *crop, resolution, resolution]], dtype=torch.float32)
 
     def inference_time_ids(self, batch, device):
         res = self.resolution
@@ -1632,8 +1741,164 @@ class SDXLTextConditioner(TextConditioner):
         return "\n".join(lines)
 
 
+class SD3TextConditioner(TextConditioner):
+    """Stable Diffusion 3 / 3.5, conditioned as ``StableDiffusion3Pipeline.encode_prompt`` conditions it: the
+    penultimate hidden states of CLIP-L and CLIP-G, concatenated and zero-padded to T5's width, followed by T5's
+    sequence (zeros when the model has no ``text_encoder_3``), and both CLIP pooled embeddings, concatenated. ∅ is the
+    encoded empty prompt. The denoiser is the MMDiT transformer, trained on rectified flow.
+
+    The placeholder token lives in both CLIP encoders; T5 stays frozen and without it, so T5 reads [V] as the plain
+    text of the token (a few character pieces of "<my-cat>"): PALP learns [V] through CLIP alone. The embedding file
+    is ``{"clip_l": …, "clip_g": …}``; the pipeline has no ``load_textual_inversion``, so the model card's snippet
+    adds the token to both tokenizers and sets its rows.
+    """
+
+    pipeline_class = StableDiffusion3Pipeline
+    tokenizer_folders = ("tokenizer", "tokenizer_2")
+    encoder_folders = ("text_encoder", "text_encoder_2")
+    encoder_classes = (CLIPTextModelWithProjection, CLIPTextModelWithProjection)
+    embedding_keys = ("clip_l", "clip_g")
+    load_imports = "from huggingface_hub import hf_hub_download\nfrom safetensors.torch import load_file\n"
+    guidance_scale = 7.0
+    card_tags = ("sd3", "sd3-diffusers", "template:sd-lora")
+    denoiser_class, denoiser_folder = SD3Transformer2DModel, "transformer"
+    scheduler_class = FlowMatchEulerDiscreteScheduler
+    # The attention projections of both streams of every joint block: diffusers' SD3 DreamBooth-LoRA default.
+    lora_target_modules = [
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_k",
+        "attn.to_out.0",
+        "attn.to_q",
+        "attn.to_v",
+    ]
+    kohya_lora = False  # no kohya naming for the MMDiT: the diffusers file is the one output
+    max_sequence_length = 256  # T5's length in the pipeline's default call
+
+    def __init__(self, tokenizers, model_index=None, t5_tokenizer=None):
+        super().__init__(tokenizers, model_index)
+        self.t5_tokenizer, self.t5 = t5_tokenizer, None
+        self.joint_attention_dim = None
+        self.t5_cache = {}  # T5's sequence per distinct prompt: T5 is frozen and never sees the token
+
+    @classmethod
+    def load_tokenizers(cls, path, model_index, **common):
+        """Both CLIP tokenizers, and T5's when model_index.json lists a ``text_encoder_3``."""
+        loaded = super().load_tokenizers(path, model_index, **common)
+        if (model_index.get("text_encoder_3") or [None])[-1] is not None:
+            loaded["t5_tokenizer"] = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3", **common)
+        return loaded
+
+    def load_text_encoders(self, path, variant=None, **common):
+        super().load_text_encoders(path, variant, **common)
+        if self.t5_tokenizer is not None:
+            self.t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", variant=variant, **common)
+            self.t5.requires_grad_(False)
+        self.joint_attention_dim = SD3Transformer2DModel.load_config(path, subfolder="transformer", **common)[
+            "joint_attention_dim"
+        ]
+        return self.text_encoders
+
+    @property
+    def frozen_encoders(self):
+        return [] if self.t5 is None else [self.t5]
+
+    def noise_process(self, noise_scheduler, device=None):
+        """Rectified flow on the scheduler's shifted σ table, with the personalization loss of diffusers' SD3
+        DreamBooth-LoRA script (preconditioned outputs, logit-normal t)."""
+        return RectifiedFlowProcess.from_scheduler(noise_scheduler, precondition_outputs=True)
+
+    def validation_scheduler(self, noise_scheduler):
+        """The pipeline's own Euler flow sampler."""
+        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+
+    def tokenize(self, prompts):
+        """CLIP-L and CLIP-G ids (77 each), then T5's (padded to ``max_sequence_length``) when the model has T5."""
+        ids = super().tokenize(prompts)
+        if self.t5_tokenizer is None:
+            return ids
+        t5_ids = self.t5_tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        return (*ids, t5_ids)
+
+    def encode(self, input_ids, image_geometry=None):
+        hidden, pooled = [], []
+        for encoder, ids in zip(self.text_encoders, input_ids):
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        clip = torch.cat(hidden, dim=-1)
+        if self.t5 is None:
+            shape = (clip.shape[0], self.max_sequence_length, self.joint_attention_dim)
+            t5 = torch.zeros(shape, device=clip.device, dtype=clip.dtype)
+        else:
+            t5 = self.t5_states(input_ids[2]).to(clip.dtype)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return SD3Conditioning(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
+
+    def t5_states(self, ids):
+        """T5's last hidden states of each row of ``ids``, computed once per distinct prompt and reused: y_P's T5 part
+        is the same every step, so the large frozen encoder runs once per prompt, not once per step."""
+        rows = []
+        for row in ids:
+            key = tuple(row.tolist())
+            if key not in self.t5_cache:
+                with torch.no_grad():
+                    self.t5_cache[key] = self.t5(row[None])[0]
+            rows.append(self.t5_cache[key])
+        return torch.cat(rows)
+
+    def pipeline(self, vae, unet, scheduler, text_encoders=None):
+        encoders = text_encoders or self.text_encoders
+        return self.pipeline_class(
+            transformer=unet,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=encoders[0],
+            tokenizer=self.tokenizers[0],
+            text_encoder_2=encoders[1],
+            tokenizer_2=self.tokenizers[1],
+            text_encoder_3=self.t5,
+            tokenizer_3=self.t5_tokenizer,
+        )
+
+    def load_code(self, repo, files_and_tokens):
+        lines = ["# [V] goes into both CLIP tokenizers and encoders; T5 reads it as plain text, as in training."]
+        for file, token in files_and_tokens:
+            lines += [
+                f'state = load_file(hf_hub_download("{repo}", "{file}"))  # a local folder: load_file(path)',
+                'for key, encoder, tokenizer in [("clip_l", pipe.text_encoder, pipe.tokenizer),',
+                '                                ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)]:',
+                f'    tokenizer.add_tokens("{token}")',
+                "    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)",
+                f'    row = tokenizer.convert_tokens_to_ids("{token}")',
+                "    encoder.get_input_embeddings().weight.data[row] = state[key][0].to(encoder.device, encoder.dtype)",
+            ]
+        return "\n".join(lines)
+
+
 # The model families PALP trains, keyed by model_index.json's _class_name.
-TEXT_CONDITIONERS = {"StableDiffusionPipeline": TextConditioner, "StableDiffusionXLPipeline": SDXLTextConditioner}
+TEXT_CONDITIONERS = {
+    "StableDiffusionPipeline": TextConditioner,
+    "StableDiffusionXLPipeline": SDXLTextConditioner,
+    "StableDiffusion3Pipeline": SD3TextConditioner,
+}
+# Pipelines PALP recognises and cannot train, with the reason.
+UNTRAINABLE_PIPELINES = {
+    "FluxPipeline": (
+        "FLUX.1 is guidance-distilled: the guidance scale is an input of the model, which has no unconditional "
+        "prediction ε(∅), so PALP's classifier-free-guided predictions (α for the pre-trained model, β for the "
+        "personalized one) cannot be formed"
+    ),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1804,9 +2069,14 @@ def load_text_conditioner(args):
     """The model family of --pretrained_model_name_or_path, picked from its model_index.json, with its tokenizers.
     Anything but a Stable Diffusion 1.x/2.x or SDXL text-to-image base model fails here, naming what was found."""
     path = args.pretrained_model_name_or_path
-    check_model_folder(path)
+    check_model_folder(path, ("model_index.json",))
     model_index = read_model_index(args)
     found = model_index.get("_class_name")
+    if found in UNTRAINABLE_PIPELINES:
+        raise UserInputError(
+            f"--pretrained_model_name_or_path {path!r} is a {found} model, which PALP cannot train: "
+            f"{UNTRAINABLE_PIPELINES[found]}. Give a model with classifier-free guidance: SD 1.x/2.x, SDXL or SD3/3.5."
+        )
     family = TEXT_CONDITIONERS.get(found)
     if family is None:
         raise UserInputError(
@@ -1814,19 +2084,24 @@ def load_text_conditioner(args):
             f"{' or '.join(TEXT_CONDITIONERS)}. An SDXL refiner, an inpainting model or another pipeline cannot be "
             "personalized: give the base model (e.g. 'stabilityai/stable-diffusion-xl-base-1.0')."
         )
-    check_model_folder(path, family.tokenizer_folders + family.encoder_folders)
+    clip = family.tokenizer_folders + family.encoder_folders
+    absent = [name for name in clip if (model_index.get(name) or [None])[-1] is None]
+    if absent:
+        raise UserInputError(
+            f"--pretrained_model_name_or_path {path!r}: its model_index.json has no {', '.join(absent)}. PALP learns "
+            f"the placeholder token in the model's CLIP text encoders ({', '.join(family.encoder_folders)}), so a "
+            f"{found} model needs them all: give the complete model folder."
+        )
+    check_model_folder(path, (family.denoiser_folder, "vae", "scheduler") + clip)
     check_ddpm_model(args, model_index)
     try:
-        tokenizers = [
-            CLIPTokenizer.from_pretrained(path, subfolder=folder, revision=args.revision, cache_dir=args.cache_dir)
-            for folder in family.tokenizer_folders
-        ]
+        loaded = family.load_tokenizers(path, model_index, revision=args.revision, cache_dir=args.cache_dir)
     except OSError as error:
         raise UserInputError(
             f"--pretrained_model_name_or_path {path!r}: could not load its tokenizer ({error}). Check the name, "
             "your network and `hf auth login`, or give a local folder."
         ) from error
-    return family(tokenizers, model_index)
+    return family(model_index=model_index, **loaded)
 
 
 def check_ddpm_model(args, model_index):
@@ -1872,11 +2147,12 @@ def read_config(model_class, flag, path, subfolder=None, **kwargs):
 
 
 def load_models(args, conditioner, weight_dtype=torch.float32, device="cpu"):
-    """Text encoders (into the conditioner), VAE, UNet and the training noise schedule; all frozen. With
-    --base_quantization the UNet is quantized as it loads, straight onto ``device``, in ``weight_dtype``."""
+    """Text encoders (into the conditioner), VAE, the denoiser (UNet or SD3's transformer) and the training noise
+    schedule; all frozen. With --base_quantization the denoiser is quantized as it loads, straight onto ``device``, in
+    ``weight_dtype``."""
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
     path = args.pretrained_model_name_or_path
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    noise_scheduler = conditioner.scheduler_class.from_pretrained(path, subfolder="scheduler", **common)
     conditioner.load_text_encoders(path, variant=args.variant, **common)
     if args.pretrained_vae_model_name_or_path:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
@@ -1886,10 +2162,11 @@ def load_models(args, conditioner, weight_dtype=torch.float32, device="cpu"):
     if quantization_config is not None:
         # A quantized model cannot be cast or moved after loading: it is placed and typed here, once.
         common.update(quantization_config=quantization_config, torch_dtype=weight_dtype, device_map={"": device})
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
+    folder = conditioner.denoiser_folder
+    unet = conditioner.denoiser_class.from_pretrained(path, subfolder=folder, variant=args.variant, **common)
     if unet.config.in_channels != vae.config.latent_channels:
         raise UserInputError(
-            f"--pretrained_model_name_or_path {path!r}: its UNet takes {unet.config.in_channels} input channels, "
+            f"--pretrained_model_name_or_path {path!r}: its {folder} takes {unet.config.in_channels} input channels, "
             f"its VAE gives {vae.config.latent_channels} (an inpainting or image-conditioned UNet?). PALP trains "
             "text-to-image base models: give one."
         )
@@ -1903,14 +2180,26 @@ def native_resolution(unet, vae):
     return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def add_lora(unet, rank, alpha, dropout):
-    """LoRA on the self- and cross-attention projections (to_q, to_k, to_v, to_out.0), as in the paper."""
+def check_resolution(resolution, unet, vae):
+    """A transformer cuts the latents into patch_size × patch_size patches (SD3: 2, so images in multiples of 16
+    pixels); a UNet takes any latent size, so the multiple of 8 that --resolution already has is enough there."""
+    multiple = 2 ** (len(vae.config.block_out_channels) - 1) * (unet.config.get("patch_size") or 1)
+    if resolution % multiple:
+        raise UserInputError(
+            f"--resolution {resolution} must be a multiple of {multiple} for this model (VAE scale factor × the "
+            f"transformer's patch size), e.g. {resolution - resolution % multiple + multiple}."
+        )
+
+
+def add_lora(unet, rank, alpha, dropout, target_modules=LORA_TARGET_MODULES):
+    """LoRA on the attention projections: a UNet's self- and cross-attention (to_q, to_k, to_v, to_out.0), as in the
+    paper; SD3's joint attention, both streams (``SD3TextConditioner.lora_target_modules``)."""
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
         init_lora_weights="gaussian",
-        target_modules=LORA_TARGET_MODULES,
+        target_modules=target_modules,
     )
     unet.add_adapter(config)
     return config
@@ -1971,8 +2260,17 @@ def fold_lora_scale(peft_state, rank, alpha):
     return {k: (v * scale if ".lora_B." in k else v).contiguous() for k, v in peft_state.items()}
 
 
-def save_lora(output_dir, unet, lora_config, kohya=True, fold_scale=True, pipeline_class=StableDiffusionPipeline):
-    """``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` and, optionally, a kohya/WebUI copy.
+def save_lora(
+    output_dir,
+    unet,
+    lora_config,
+    kohya=True,
+    fold_scale=True,
+    pipeline_class=StableDiffusionPipeline,
+    target_modules=LORA_TARGET_MODULES,
+):
+    """``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` and, optionally, a kohya/WebUI copy. The
+    LoRA goes under the pipeline's denoiser name: ``unet`` (SD, SDXL) or ``transformer`` (SD3).
 
     Outputs carry the scale folded into the up-weights (alpha = rank in the metadata and the kohya ``.alpha``
     entries); checkpoints keep the raw weights and the true alpha (``fold_scale=False``), so a resume is bit-exact.
@@ -1981,12 +2279,15 @@ def save_lora(output_dir, unet, lora_config, kohya=True, fold_scale=True, pipeli
     alpha = lora_config.lora_alpha
     if fold_scale:
         peft_state, alpha = fold_lora_scale(peft_state, lora_config.r, lora_config.lora_alpha), lora_config.r
-    metadata = {"r": lora_config.r, "lora_alpha": alpha, "target_modules": LORA_TARGET_MODULES}
+    metadata = {"r": lora_config.r, "lora_alpha": alpha, "target_modules": target_modules}
+    denoiser = getattr(pipeline_class, "unet_name", None) or pipeline_class.transformer_name
+    # As diffusers' own LoRA scripts write them, and so as each loader reads them: a UNet's LoRA in diffusers naming
+    # (``lora.down``/``lora.up``), a transformer's in PEFT naming (``lora_A``/``lora_B``).
+    layers = convert_state_dict_to_diffusers(peft_state) if denoiser == "unet" else peft_state
     pipeline_class.save_lora_weights(
         output_dir,
-        unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
         weight_name=LORA_NAME,
-        unet_lora_adapter_metadata=metadata,
+        **{f"{denoiser}_lora_layers": layers, f"{denoiser}_lora_adapter_metadata": metadata},
     )
     if kohya:
         kohya_state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()})
@@ -1997,10 +2298,11 @@ def save_lora(output_dir, unet, lora_config, kohya=True, fold_scale=True, pipeli
 
 
 def load_lora(unet, folder):
-    """Load a checkpoint's LoRA (raw weights, saved by :func:`save_lora` with ``fold_scale=False``) into the UNet's
-    existing adapter, whose alpha is the run's own."""
+    """Load a checkpoint's LoRA (raw weights, saved by :func:`save_lora` with ``fold_scale=False``) into the
+    denoiser's existing adapter, whose alpha is the run's own. Keys start with the denoiser's name ("unet.",
+    "transformer."), which goes."""
     state = load_file(os.path.join(folder, LORA_NAME))
-    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    state = convert_unet_state_dict_to_peft({k.partition(".")[2]: v for k, v in state.items()})
     result = set_peft_model_state_dict(unet, state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
@@ -2109,7 +2411,15 @@ def save_checkpoint(
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_lora(tmp, unet, lora_config, kohya=False, fold_scale=False, pipeline_class=conditioner.pipeline_class)
+    save_lora(
+        tmp,
+        unet,
+        lora_config,
+        kohya=False,
+        fold_scale=False,
+        pipeline_class=conditioner.pipeline_class,
+        target_modules=conditioner.lora_target_modules,
+    )
     save_embeddings(tmp, tokens, conditioner)
     state = {
         "global_step": step,
@@ -2215,8 +2525,9 @@ def decode_latents(vae, latents):
     convolves in fp16, and the SDXL VAE overflows there (black or NaN images). A VAE whose config says
     ``force_upcast`` is already in fp32 here (``prepare_models``), the dtype SDXL's pipeline decodes it in.
     Returns images in [-1, 1]."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.autocast(latents.device.type, enabled=False):
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
 
 
 def log_validation(accelerator, images, prompt, step, folder, name):
@@ -2266,7 +2577,7 @@ def hub_base_model(name_or_path):
         match = re.fullmatch(r"models--([^/]+?)--(.+)", part)
         if match and repo_id(f"{match[1]}/{match[2]}"):
             return f"{match[1]}/{match[2]}"
-    for name in ("model_index.json", "unet/config.json", "text_encoder/config.json"):
+    for name in ("model_index.json", "unet/config.json", "transformer/config.json", "text_encoder/config.json"):
         try:
             recorded = json.loads((folder / name).read_text()).get("_name_or_path")
         except (OSError, ValueError, AttributeError):
@@ -2408,7 +2719,7 @@ pipe.load_lora_weights("{repo}")
 image = pipe("{config["target_prompt"]}").images[0]
 ```
 
-{webui_usage(config["target_prompt"], [token], single=True)}
+{webui_usage(config["target_prompt"], [token], single=True) if conditioner.kohya_lora else ""}
 
 ## Training settings
 
@@ -2548,13 +2859,15 @@ def resolve_seed(args, checkpoint_state):
 
 
 class LatentSampler:
-    """VAE latents of the subject images and their geometry [B, 6]: original (height, width), crop (top, left) and
-    target size, the micro-conditioning SDXL trains with. With a deterministic crop (``--center_crop`` without
-    ``--random_flip``) each image's posterior is computed once and only its sample is drawn per step. The VAE runs
-    in its own dtype (fp32 when it must be upcast); the latents come out in the training dtype."""
+    """VAE latents of the subject images and what the model family conditions on about each photo
+    (``image_geometry(original_size, crop, resolution)``: SDXL's time_ids, None for the others). Latents are
+    normalised as the family's pipeline expects them, (z - shift_factor) · scaling_factor (SD3's VAE has a shift, the
+    others none). With a deterministic crop (``--center_crop`` without ``--random_flip``) each image's posterior is
+    computed once and only its sample is drawn per step. The VAE runs in its own dtype (fp32 when it must be upcast);
+    the latents come out in the training dtype."""
 
-    def __init__(self, vae, images, resolution, center_crop, random_flip, device, dtype):
-        self.vae, self.device, self.dtype = vae, device, dtype
+    def __init__(self, vae, images, resolution, center_crop, random_flip, device, dtype, image_geometry):
+        self.vae, self.device, self.dtype, self.image_geometry = vae, device, dtype, image_geometry
         self.original_sizes = [(image.height, image.width) for image in images]
         self.images = [resize_shorter_side(image, resolution) for image in images]
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
@@ -2568,16 +2881,18 @@ class LatentSampler:
         )
         with torch.no_grad():
             dist = self.vae.encode(pixels[None].to(self.device, dtype=self.vae.dtype)).latent_dist
-        geometry = torch.tensor([[*self.original_sizes[index], *crop, self.resolution, self.resolution]])
-        entry = (dist.mean.float(), dist.std.float(), geometry.float())
+        geometry = self.image_geometry(self.original_sizes[index], crop, self.resolution)
+        entry = (dist.mean.float(), dist.std.float(), geometry)
         if self.cache is not None:
             self.cache[index] = entry
         return entry
 
     def __call__(self, indices, generator):
-        mean, std, geometry = (torch.cat(parts) for parts in zip(*(self.posterior(i, generator) for i in indices)))
+        mean, std, geometry = zip(*(self.posterior(i, generator) for i in indices))
+        mean, std = torch.cat(mean), torch.cat(std)
         sample = mean + std * torch.randn(mean.shape, generator=generator).to(self.device)
-        return (sample * self.vae.config.scaling_factor).to(self.dtype), geometry
+        latents = (sample - (getattr(self.vae.config, "shift_factor", None) or 0.0)) * self.vae.config.scaling_factor
+        return latents.to(self.dtype), None if geometry[0] is None else torch.cat(geometry)
 
 
 def stop_requested(accelerator, stop):
@@ -2597,9 +2912,12 @@ def prepare_models(args, accelerator, conditioner, tokens, class_names):
     # as in an fp16-safe VAE given with --pretrained_vae_model_name_or_path).
     vae.to(accelerator.device, dtype=torch.float32 if vae.config.force_upcast else weight_dtype)
     quantized = args.base_quantization != "none"  # then the UNet was loaded on the device, in the training dtype
-    for model in conditioner.text_encoders if quantized else (unet, *conditioner.text_encoders):
+    encoders = [*conditioner.text_encoders, *conditioner.frozen_encoders]
+    for model in encoders if quantized else (unet, *encoders):
         model.to(accelerator.device, dtype=weight_dtype)
-    lora_config = add_lora(unet, args.rank, resolved_lora_alpha(args), args.lora_dropout)
+    lora_config = add_lora(
+        unet, args.rank, resolved_lora_alpha(args), args.lora_dropout, conditioner.lora_target_modules
+    )
     # Mixed precision computes in fp16/bf16, but what trains (LoRA, the token rows) is stored in fp32.
     cast_training_params([unet, *conditioner.text_encoders], dtype=torch.float32)
     if args.gradient_checkpointing:
@@ -2609,7 +2927,15 @@ def prepare_models(args, accelerator, conditioner, tokens, class_names):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     conditioner.resolution = args.resolution or native_resolution(unet, vae)
+    check_resolution(conditioner.resolution, unet, vae)
     return vae, unet, noise_scheduler, lora_config, weight_dtype
+
+
+def only_one(values, name):
+    """The single item of ``values``; a model family with several (one per text encoder) names where they are."""
+    if len(values) != 1:
+        raise ValueError(f"This model family has {len(values)} text encoders: use {name}, one item per encoder.")
+    return values[0]
 
 
 @dataclass
@@ -2650,13 +2976,15 @@ class TrainingRun:
 
     @property
     def base_text_encoder(self):
-        """The first text encoder, unwrapped (SDXL's second one is ``base_text_encoders[1]``)."""
-        return self.base_text_encoders[0]
+        """The text encoder of a one-encoder family (SD 1.x/2.x), unwrapped; SDXL's and SD3's are in
+        ``base_text_encoders``."""
+        return only_one(self.base_text_encoders, "base_text_encoders")
 
     @property
     def embedding(self):
-        """The first text encoder's placeholder rows (SDXL has a second one in ``conditioner.embeddings``)."""
-        return self.conditioner.embeddings[0]
+        """The placeholder rows of a one-encoder family (SD 1.x/2.x); SDXL and SD3 have one per CLIP encoder, in
+        ``conditioner.embeddings``."""
+        return only_one(self.conditioner.embeddings, "conditioner.embeddings")
 
     @property
     def resolution(self):
@@ -2675,10 +3003,9 @@ class TrainingRun:
 
     @functools.cached_property
     def noise_process(self):
-        """The model's noise process, its ᾱ_t on the training device, copied there once rather than every step.
-        Only DDPM (SD 1.x/2.x, SDXL) is detected from a model folder so far; RectifiedFlowProcess has no model
-        family that reaches it from the command line yet."""
-        return ddpm_process(self.noise_scheduler, self.accelerator.device)
+        """The model family's noise process (DDPM for SD 1.x/2.x and SDXL, rectified flow for SD3), its tables on the
+        training device, built once rather than every step."""
+        return self.conditioner.noise_process(self.noise_scheduler, self.accelerator.device)
 
     @functools.cached_property
     def t_bounds(self):
@@ -2834,7 +3161,7 @@ def validate(run, name):
     run.base_unet.eval()
     for encoder in run.base_text_encoders:
         encoder.eval()
-    scheduler = DPMSolverMultistepScheduler.from_config(run.noise_scheduler.config)
+    scheduler = run.conditioner.validation_scheduler(run.noise_scheduler)
     images = generate_images(
         run.conditioner.pipeline(run.vae, run.base_unet, scheduler, run.base_text_encoders),
         run.validation_prompt,
@@ -2854,7 +3181,14 @@ def save_outputs(run):
     """Final files: embeddings, LoRA (diffusers + kohya), samples, config, and the model card last."""
     args = run.args
     save_embeddings(args.output_dir, run.tokens, run.conditioner)
-    save_lora(args.output_dir, run.base_unet, run.lora_config, pipeline_class=run.conditioner.pipeline_class)
+    save_lora(
+        args.output_dir,
+        run.base_unet,
+        run.lora_config,
+        kohya=run.conditioner.kohya_lora,
+        pipeline_class=run.conditioner.pipeline_class,
+        target_modules=run.conditioner.lora_target_modules,
+    )
     image_paths = validate(run, "final") if args.num_validation_images > 0 else []
     Path(args.output_dir, CONFIG_NAME).write_text(json.dumps(run.config, indent=2, default=str))
     Path(args.output_dir, "README.md").write_text(
@@ -2914,7 +3248,7 @@ def build_run(
         (alignment_timestep_ratios(args), "--alignment_timestep_max_ratio"),
     ):
         bounds = timestep_bounds(num_train_timesteps, *ratios)
-        ddpm_process(noise_scheduler).check_timestep_bounds(bounds, flag)
+        conditioner.noise_process(noise_scheduler).check_timestep_bounds(bounds, flag)
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = build_optimizer(args, lora_params, conditioner.trainable_rows, accelerator.num_processes)
     lr_scheduler = get_scheduler(
@@ -2931,7 +3265,14 @@ def build_run(
     conditioner.text_encoders = text_encoders
     cond_clean, uncond = conditioner.encode_fixed(clean_prompt, accelerator.device, weight_dtype)
     latents_of = LatentSampler(
-        vae, images, conditioner.resolution, args.center_crop, args.random_flip, accelerator.device, weight_dtype
+        vae,
+        images,
+        conditioner.resolution,
+        args.center_crop,
+        args.random_flip,
+        accelerator.device,
+        weight_dtype,
+        conditioner.image_geometry,
     )
 
     def sample_batch(micro_step, generator):

@@ -870,7 +870,7 @@ def resident_tensors(run, modules):
     """What a step keeps between steps: weights, buffers, optimizer state and the fixed prompt embeddings."""
     tensors = []
     for cond in (run.cond_clean, run.uncond):
-        tensors += [cond.hidden, cond.text_embeds, cond.time_ids, cond.alignment_time_ids]
+        tensors += cond.tensors()
     for module in (run.base_unet, *run.base_text_encoders, *modules):
         tensors += list(module.parameters()) + list(module.buffers())
         tensors += quantization_state_tensors(module)

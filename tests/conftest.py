@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny Stable Diffusion pipeline built from configs, saved to a local folder.
+"""Shared fixtures: tiny Stable Diffusion, SDXL and SD3 pipelines built from configs, saved to local folders.
 
 Nothing here touches the Hugging Face Hub. The tokenizer is a real byte-level BPE CLIP tokenizer whose vocabulary
 and merges are generated on the spot, so prompts tokenize exactly as they would with the real one (words of the
@@ -231,6 +231,98 @@ def build_tiny_sdxl(path, seed=0, force_zeros_for_empty_prompt=True, legacy_pool
     return pipe
 
 
+def build_tiny_t5_tokenizer(words=TINY_WORDS):
+    """A T5 tokenizer (SentencePiece-style unigram) over the tiny vocabulary, made on the spot: known words are one
+    piece, anything else falls back to single characters."""
+    from transformers import T5TokenizerFast
+
+    chars = sorted({c for word in words for c in word} | set("<>-_!?.,'0123456789abcdefghijklmnopqrstuvwxyz"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{word}", -1.0) for word in words] + [(c, -5.0) for c in chars] + [(f"▁{c}", -5.0) for c in chars]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def build_tiny_sd3(path, seed=0, with_t5=True, vae_blocks=2):
+    """Write a tiny, randomly initialised Stable Diffusion 3 pipeline to ``path`` and return it. The two CLIP encoders
+    have different widths (8 and 16, projections 8 and 16, so swapping them fails on shape); CLIP's concatenation (24
+    wide) is padded to T5's width 32 as the pipeline pads it. ``with_t5=False`` saves it without ``text_encoder_3``,
+    whose part of the sequence is then zeros. The VAE has SD3's ``shift_factor`` and ``vae_blocks`` blocks (scale factor
+    2 ** (vae_blocks - 1)); the scheduler is SD3's shifted FlowMatchEulerDiscreteScheduler."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tiny_clip_tokenizer(), build_tiny_clip_tokenizer(pad_token="!")
+
+    def clip(width):
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+                hidden_size=width,
+                projection_dim=width,
+                intermediate_size=37,
+                layer_norm_eps=1e-5,
+                num_attention_heads=2,
+                num_hidden_layers=2,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=77,
+            )
+        )
+
+    text_encoder, text_encoder_2 = clip(8), clip(16)
+    tokenizer_3 = text_encoder_3 = None
+    if with_t5:
+        tokenizer_3 = build_tiny_t5_tokenizer()
+        config = T5Config(vocab_size=len(tokenizer_3), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4)
+        text_encoder_3 = T5EncoderModel(config)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=32,
+        pooled_projection_dim=8 + 16,
+        out_channels=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16)[:vae_blocks],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(path)
+    return pipe
+
+
 def write_instance_images(folder, n=3, size=24, seed=0):
     """Write ``n`` small coloured-square photos (a stand-in subject) to ``folder``."""
     folder = Path(folder)
@@ -297,6 +389,20 @@ def tiny_sd_vpred_path(tmp_path_factory):
 def tiny_sdxl_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sdxl")
     build_tiny_sdxl(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    build_tiny_sd3(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_no_t5_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd3-no-t5")
+    build_tiny_sd3(path, with_t5=False)
     return str(path)
 
 

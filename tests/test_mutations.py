@@ -172,7 +172,7 @@ MUTANTS = [
            (("/ (1 - self.sigma(t1).float()) ** 2", "/ (1 - self.sigma(t1).float())"),),
            ("test_rectified_flow_balance_restores_the_epsilon_ratio_of_the_two_gradients",)),
     Mutant("flow balance without the loss weighting",
-           (("        return self.loss_weighting(t1) / (1 - self.sigma(t1).float()) ** 2",
+           (("        return self.output_weighting(t1) / (1 - self.sigma(t1).float()) ** 2",
              "        return 1 / (1 - self.sigma(t1).float()) ** 2"),),
            ("test_rectified_flow_balance_restores_the_epsilon_ratio_of_the_two_gradients",)),
     Mutant("flow w(t2) σ instead of σ²", (("        return self.sigma(t) ** 2", "        return self.sigma(t)"),),

@@ -213,7 +213,9 @@ def build_models(train_palp, args, subject_name, lora_dir=None):
         train_palp.load_lora(unet, lora_dir)
         train_palp.load_embeddings(lora_dir, [subject["token"]], conditioner)
     images = train_palp.load_instance_images(str(HERE / "subjects" / subject_name))
-    sampler = train_palp.LatentSampler(vae, images, 32, False, False, "cpu", torch.float32)
+    sampler = train_palp.LatentSampler(
+        vae, images, 32, False, False, "cpu", torch.float32, conditioner.image_geometry
+    )
     return dict(targs=targs, conditioner=conditioner, tokenizer=conditioner.tokenizers[0],
                 text_encoder=conditioner.text_encoders[0], vae=vae, unet=unet, scheduler=scheduler,
                 embedding=embedding, sampler=sampler, num_images=len(images))

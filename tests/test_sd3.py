@@ -1,0 +1,406 @@
+"""Stable Diffusion 3 in train_palp.py on tiny offline SD3 pipelines (with and without T5): detection, conditioning as
+StableDiffusion3Pipeline.encode_prompt builds it, the PALP losses on the MMDiT against autograd, outputs that load into
+a stock StableDiffusion3Pipeline, resume, the multi-subject script, and the models PALP refuses."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_palp as tp
+from conftest import REPO_ROOT, write_instance_images
+from test_train_palp import TARGET, TOKEN, base_args, train
+
+
+def load_pipeline(path):
+    """A fresh pipeline; a model saved without T5 is loaded as the pipeline documents it, text_encoder_3=None."""
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    if (index.get("text_encoder_3") or [None])[-1] is None:
+        return StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    return StableDiffusion3Pipeline.from_pretrained(path)
+
+
+def load_into(pipe, out, token=TOKEN, file=tp.EMBEDDINGS_NAME):
+    """The model card's snippet, run as written, with its first line (the download) replaced by the local file."""
+    card_lines = tp.SD3TextConditioner([]).load_code("repo", [(file, token)]).splitlines()
+    assert card_lines[1].startswith("state = load_file(hf_hub_download(")
+    exec("\n".join(card_lines[2:]), {"pipe": pipe, "state": load_file(Path(out) / file)})
+
+
+def generate(pipe, prompt):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd3_path, tmp_path_factory):
+    """One short SD3 run with T5 and a validation image, shared by the tests that only read its results."""
+    tmp = tmp_path_factory.mktemp("sd3-run")
+    out = tmp / "out"
+    run = train(tiny_sd3_path, str(write_instance_images(tmp / "instance")), out, "--max_train_steps", "3")
+    return run, out
+
+
+def test_sd3_is_detected_and_both_clip_encoders_get_the_token(trained):
+    run, out = trained
+    assert isinstance(run.conditioner, tp.SD3TextConditioner) and run.conditioner.t5 is not None
+    assert isinstance(run.base_unet, SD3Transformer2DModel)
+    assert isinstance(run.noise_process, tp.RectifiedFlowProcess) and run.noise_process.precondition_outputs
+    assert run.config["pipeline_class"] == "StableDiffusion3Pipeline"
+    assert run.config["validation_guidance_scale"] == 7.0  # the pipeline's default
+    with pytest.raises(ValueError, match="2 text encoders: use conditioner.embeddings"):
+        run.embedding  # one row per CLIP encoder: no "first one" stands for them
+    state = load_file(out / "learned_embeds.safetensors")
+    assert set(state) == {"clip_l", "clip_g"}
+    assert state["clip_l"].shape == (1, 8) and state["clip_g"].shape == (1, 16)
+    for embedding, tokenizer, key in zip(run.conditioner.embeddings, run.conditioner.tokenizers, ("clip_l", "clip_g")):
+        # Each row started from its own encoder's class-noun rows and was trained.
+        initial = embedding.base.weight[tokenizer.encode("cat", add_special_tokens=False)].float().mean(0)
+        assert (state[key][0] - initial).abs().max() > 0
+    # T5 is frozen and has no token; its vocabulary is unchanged.
+    assert TOKEN not in run.conditioner.t5_tokenizer.get_vocab()
+    assert not any(p.requires_grad for p in run.conditioner.t5.parameters())
+    assert run.conditioner.t5.get_input_embeddings().weight.shape[0] == len(run.conditioner.t5_tokenizer)
+    # LoRA on the attention of both streams, under "transformer"; no kohya copy for the MMDiT.
+    lora = load_file(out / tp.LORA_NAME)
+    assert all(k.startswith("transformer.") for k in lora)
+    for module in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                   "attn.add_v_proj", "attn.to_add_out"):  # fmt: skip
+        assert any(f".{module}.lora" in k for k in lora), module
+    assert not (out / tp.KOHYA_LORA_NAME).exists()
+    assert (out / "samples" / "final_0.png").is_file()
+    card = (out / "README.md").read_text()
+    assert "StableDiffusion3Pipeline.from_pretrained" in card and "- sd3" in card
+    assert 'tokenizer.add_tokens("<my-cat>")' in card and "AUTOMATIC1111" not in card
+
+
+@pytest.fixture(scope="module")
+def trained_without_t5(tiny_sd3_no_t5_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sd3-no-t5-run")
+    out = tmp / "out"
+    run = train(tiny_sd3_no_t5_path, str(write_instance_images(tmp / "instance")), out, "--max_train_steps", "2",
+                "--num_validation_images", "0")  # fmt: skip
+    return run, out
+
+
+@pytest.mark.parametrize("which", ["trained", "trained_without_t5"], ids=["with-t5", "text_encoder_3=None"])
+def test_training_conditioning_equals_the_pipeline_encode_prompt(which, request, tiny_sd3_path, tiny_sd3_no_t5_path):
+    """y_P with the learned token, loaded into a stock pipeline by the card's lines, and ∅ (the encoded empty prompt,
+    not zeros) are what encode_prompt gives; without T5 its part of the sequence is zeros, 256 rows long."""
+    run, out = request.getfixturevalue(which)
+    path = tiny_sd3_path if which == "trained" else tiny_sd3_no_t5_path
+    pipe = load_pipeline(path)
+    load_into(pipe, out)
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(TARGET, None, None, device="cpu")
+        ours = run.conditioner.encode(tuple(ids for ids in run.conditioner.tokenize([TARGET])))
+    assert isinstance(ours, tp.SD3Conditioning) and ours.hidden.shape == (1, 77 + 256, 32)
+    torch.testing.assert_close(ours.hidden, embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.pooled, pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run.uncond.hidden, negative, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run.uncond.pooled, negative_pooled, atol=1e-5, rtol=1e-5)
+    assert run.uncond.hidden.abs().sum() > 0 and run.uncond.pooled.shape == (1, 8 + 16)
+    assert ours.hidden[0, :77, 24:].abs().sum() == 0  # CLIP-L ‖ CLIP-G (24 wide) zero-padded to T5's 32
+    t5_part = ours.hidden[0, 77:]
+    assert (t5_part.abs().sum() == 0) == (which == "trained_without_t5")
+
+
+def test_t5_runs_once_per_distinct_prompt(tiny_sd3_path, tmp_path, monkeypatch):
+    """y_P's T5 part never changes (T5 is frozen and has no token): T5 encodes y_P, y_c and ∅ once each, whatever
+    the number of steps."""
+    calls = []
+    original = tp.SD3TextConditioner.load_text_encoders
+
+    def counting(self, *args, **kwargs):
+        encoders = original(self, *args, **kwargs)
+        self.t5.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+        return encoders
+
+    monkeypatch.setattr(tp.SD3TextConditioner, "load_text_encoders", counting)
+    run = train(tiny_sd3_path, str(write_instance_images(tmp_path / "i")), tmp_path / "out", "--max_train_steps", "3",
+                "--num_validation_images", "0", "--train_batch_size", "2")  # fmt: skip
+    assert calls == [1, 1, 1] and len(run.conditioner.t5_cache) == 3
+
+
+def test_outputs_load_into_a_fresh_pipeline_and_change_its_image(trained, tiny_sd3_path):
+    run, out = trained
+    pipe = load_pipeline(tiny_sd3_path)
+    base_image = generate(pipe, TARGET.replace(TOKEN, "a cat"))
+    pipe.load_lora_weights(out)
+    load_into(pipe, out)
+    assert "default_0" in pipe.transformer.peft_config
+    assert TOKEN in pipe.tokenizer.get_vocab() and TOKEN in pipe.tokenizer_2.get_vocab()
+    state = load_file(out / "learned_embeds.safetensors")
+    for encoder, tokenizer, key in ((pipe.text_encoder, pipe.tokenizer, "clip_l"),
+                                    (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g")):  # fmt: skip
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(TOKEN)]
+        torch.testing.assert_close(row, state[key][0])
+    image = generate(pipe, TARGET)
+    assert image.shape == (1, 32, 32, 3)
+    assert abs(image - base_image).max() > 1e-3
+    # The loaded LoRA is the trained one: the transformer's output matches the run's own with the same input.
+    x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            run.cond_clean.denoise(pipe.transformer, x, t), run.cond_clean.denoise(run.base_unet, x, t),
+            atol=1e-5, rtol=1e-5,
+        )  # fmt: skip
+
+
+def test_accelerate_launch_sd3_outputs_load_into_a_fresh_pipeline(tiny_sd3_path, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_palp.py"),
+        *base_args(tiny_sd3_path, instance_dir, out, "--max_train_steps", "2"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "samples" / "final_0.png").is_file()
+    pipe = load_pipeline(tiny_sd3_path)
+    base_image = generate(pipe, TARGET)
+    pipe.load_lora_weights(out)
+    load_into(pipe, out)
+    assert abs(generate(pipe, TARGET) - base_image).max() > 1e-3
+
+
+def test_lora_off_gives_the_base_model_exactly(trained, tiny_sd3_path):
+    run, _ = trained
+    base = SD3Transformer2DModel.from_pretrained(tiny_sd3_path, subfolder="transformer")
+    x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0])
+    with torch.no_grad(), tp.lora_disabled(run.base_unet):
+        off = run.cond_clean.denoise(run.base_unet, x, t)
+    with torch.no_grad():
+        expected = run.cond_clean.denoise(base, x, t)
+        on = run.cond_clean.denoise(run.base_unet, x, t)
+    torch.testing.assert_close(off, expected, atol=0, rtol=0)
+    assert (on - off).abs().max() > 0
+
+
+def test_latents_are_shifted_and_scaled_as_the_pipeline_decodes_them(trained):
+    """(z - shift_factor) · scaling_factor in training; decode_latents inverts it as the pipeline does."""
+    run, _ = trained
+    vae = run.vae
+    assert vae.config.shift_factor == 0.0609 and vae.config.scaling_factor == 1.5035
+    sampler = tp.LatentSampler(vae, [Image.new("RGB", (32, 32), (200, 30, 30))], 32, True, False, "cpu",
+                               torch.float32, run.conditioner.image_geometry)  # fmt: skip
+    latents, geometry = sampler([0], torch.Generator().manual_seed(0))
+    assert geometry is None  # SD3 has no SDXL-style micro-conditioning
+    mean, std, _ = sampler.posterior(0, None)
+    z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(latents, (z - 0.0609) * 1.5035)
+    with torch.no_grad():
+        torch.testing.assert_close(tp.decode_latents(vae, latents), vae.decode(z).sample)
+
+
+def test_resume_is_bit_exact(tiny_sd3_path, tmp_path):
+    instance = str(write_instance_images(tmp_path / "i"))
+    common = ("--checkpointing_steps", "2", "--num_validation_images", "0", "--max_train_steps", "3")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(tiny_sd3_path, instance, full, *common)
+    train(tiny_sd3_path, instance, resumed, *common[:-1], "2")
+    for name in (tp.LORA_NAME, "README.md"):
+        (resumed / name).unlink()
+    assert set(load_file(resumed / "checkpoint-2" / "learned_embeds.safetensors")) == {"clip_l", "clip_g"}
+    assert all(k.startswith("transformer.") for k in load_file(resumed / "checkpoint-2" / tp.LORA_NAME))
+    train(tiny_sd3_path, instance, resumed, *common, "--resume_from_checkpoint", "latest")
+    for name in (tp.LORA_NAME, "learned_embeds.safetensors"):
+        a, b = load_file(full / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_multi_subject_script_on_sd3_writes_one_loadable_file_per_token(tiny_sd3_no_t5_path, tmp_path):
+    from test_multi_subject import ART, CAT, common_flags, subject_flags
+
+    import train_palp_multi_subject as tpm
+
+    cat = write_instance_images(tmp_path / "cat", n=2)
+    art = write_instance_images(tmp_path / "art", n=1, seed=7)
+    out = tmp_path / "out"
+    flags = [*subject_flags(str(cat), str(art)), *common_flags(tiny_sd3_no_t5_path, out), "--max_train_steps", "2"]
+    run = tpm.main(tpm.parse_args(flags))
+    assert isinstance(run.conditioner, tpm.SD3TextConditioner)
+    card = (out / "README.md").read_text()
+    assert "StableDiffusion3Pipeline.from_pretrained" in card and "AUTOMATIC1111" not in card
+    pipe = load_pipeline(tiny_sd3_no_t5_path)
+    pipe.load_lora_weights(out)
+    for index, token in enumerate((CAT, ART)):
+        name = tpm.embedding_file_name(token, single=False)
+        assert f'"{name}"' in card and f'tokenizer.add_tokens("{token}")' in card
+        load_into(pipe, out, token, name)
+        for encoder, tokenizer, embedding in zip((pipe.text_encoder, pipe.text_encoder_2),
+                                                 (pipe.tokenizer, pipe.tokenizer_2), run.conditioner.embeddings):  # fmt: skip
+            row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)]
+            torch.testing.assert_close(embedding.rows[index], row)
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(f"{CAT} next to {ART}", None, None, device="cpu")
+        ours = run.conditioner.encode(run.conditioner.tokenize([f"{CAT} next to {ART}"]))
+    torch.testing.assert_close(ours.hidden, embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.pooled, pooled, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ models PALP refuses
+def _without_clip_g(model, tmp_path):
+    folder = tmp_path / "no-clip-g"
+    shutil.copytree(model, folder)
+    shutil.rmtree(folder / "text_encoder_2")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": [None, None]}))
+    return folder
+
+
+def _flux(model, tmp_path):
+    folder = tmp_path / "flux"
+    shutil.copytree(model, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    return folder
+
+
+def _unknown(model, tmp_path):
+    folder = tmp_path / "unknown"
+    shutil.copytree(model, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Img2ImgPipeline"}))
+    return folder
+
+
+@pytest.mark.parametrize("script", ["train_palp", "train_palp_multi_subject"])
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (_without_clip_g, "its model_index.json has no text_encoder_2. PALP learns the placeholder token in the "
+                          "model's CLIP text encoders (text_encoder, text_encoder_2)"),
+        (_flux, "is a FluxPipeline model, which PALP cannot train: FLUX.1 is guidance-distilled"),
+        (_unknown, "is a StableDiffusion3Img2ImgPipeline model; PALP trains text-to-image base models"),
+    ],
+    ids=["no CLIP-G", "FLUX", "unknown pipeline"],
+)  # fmt: skip
+def test_models_palp_cannot_train_fail_with_one_clear_message_before_any_weights_load(
+    tiny_sd3_no_t5_path, tmp_path, monkeypatch, script, change, expected
+):
+    import importlib
+
+    from test_multi_subject import common_flags, subject_flags
+
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module, "load_models", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    model = str(change(tiny_sd3_no_t5_path, tmp_path))
+    instance = str(write_instance_images(tmp_path / "i"))
+    if script == "train_palp":
+        argv = base_args(model, instance, tmp_path / "out")
+    else:
+        argv = [*subject_flags(instance, instance), *common_flags(model, tmp_path / "out")]
+    with pytest.raises(SystemExit) as info:
+        module.cli(argv)
+    message = str(info.value)
+    assert message.startswith(f"error: --pretrained_model_name_or_path {model!r}") and expected in message
+    assert message.count("\n") == 0
+    if change is _flux:
+        assert "no unconditional prediction" in message and "SD3/3.5" in message
+
+
+def test_resolution_must_fit_the_transformers_patches(tmp_path):
+    """VAE scale 8 × patch size 2: 24 px (a multiple of 8) gives 3 × 3 latents, which 2 × 2 patches cannot tile."""
+    from conftest import build_tiny_sd3
+
+    build_tiny_sd3(tmp_path / "model", with_t5=False, vae_blocks=4)
+    argv = base_args(str(tmp_path / "model"), str(write_instance_images(tmp_path / "i")), tmp_path / "out")
+    argv[argv.index("--resolution") + 1] = "24"
+    with pytest.raises(SystemExit) as info:
+        tp.cli(argv)
+    assert str(info.value) == (
+        "error: --resolution 24 must be a multiple of 16 for this model (VAE scale factor × the transformer's patch "
+        "size), e.g. 32."
+    )
+
+
+# ------------------------------------------------------------------------------------------------ PALP's losses on SD3
+def _sd3_reference_losses(model, inputs, config):
+    """The PALP terms on SD3 written out from the formulas alone: x_t = (1 - σ)x0 + σε; the SD3 DreamBooth-LoRA loss
+    with its defaults (logit-normal: ω = 1; preconditioned outputs: the model's x̂0 = x_t - σv̂ against x0); CFG on
+    velocities; D = (1 - σ2)(v^α_pre - v^β_per) in ε units; the coefficient c = σ1²/(1 - σ1)² (the balance of the
+    weight σ1² on ‖v̂ - v‖²) times (1 - σ1)/σ1 with the rescale. Returns L_pers, the DDS loss through x̂0 whose
+    gradient is c·D·∂x̂0/∂θ, and the value of the surrogate -mean(c·σ1/(1 - σ1)·D·ε̂) with ε̂ = x_t + (1 - σ1)v̂."""
+    latents, noise, noise2, cond, cond_clean, uncond, t1, t2 = inputs
+    s1, s2 = (t1 / 1000).view(-1, 1, 1, 1), (t2 / 1000).view(-1, 1, 1, 1)
+
+    def velocity(x, t, hidden, pooled):
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=hidden, pooled_projections=pooled,
+                     return_dict=False)[0]  # fmt: skip
+
+    x_t1 = (1 - s1) * latents + s1 * noise
+    v_hat = velocity(x_t1, t1, cond.hidden, cond.pooled)
+    x0_hat = x_t1 - s1 * v_hat
+    loss_pers = ((x0_hat - latents) ** 2).mean()
+    eps_hat = x_t1 + (1 - s1) * v_hat
+    with torch.no_grad():
+        x_t2 = (1 - s2) * x0_hat + s2 * noise2
+
+        def guided(c, scale, lora):
+            if not lora:
+                model.disable_adapters()
+            try:
+                v_c = velocity(x_t2, t2, c.hidden.expand(2, -1, -1), c.pooled.expand(2, -1))
+                v_u = velocity(x_t2, t2, uncond.hidden.expand(2, -1, -1), uncond.pooled.expand(2, -1))
+            finally:
+                model.enable_adapters()
+            return v_u + scale * (v_c - v_u)
+
+        direction = (1 - s2) * (
+            guided(cond_clean, config.guidance_scale_pretrained, False)
+            - guided(cond.detach(), config.guidance_scale_personalized, True)
+        )
+    c = s1**2 / (1 - s1) ** 2 * ((1 - s1) / s1 if config.rescale else 1)
+    dds = (c * direction * x0_hat).sum() / latents[0].numel() / latents.shape[0]
+    surrogate = -(c * s1 / (1 - s1) * direction * eps_hat).flatten(1).mean(1).mean()
+    return loss_pers, dds, surrogate.detach()
+
+
+@pytest.mark.parametrize("rescale", [True, False], ids=["rescale", "no rescale"])
+def test_palp_losses_on_a_tiny_sd3_transformer_match_an_independent_reference(tiny_sd3_path, rescale):
+    """palp_losses on the MMDiT with its SD3 conditioning and the SD3 noise process: L_pers, L_align's value and the
+    gradient of L_pers + λ·L_align on the LoRA, on the token's path into the prompt (hidden states) and on the pooled
+    projection, against the flow formulas with autograd through x̂0."""
+    from test_palp_math import _assert_losses_match_reference
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel.from_pretrained(tiny_sd3_path, subfolder="transformer").requires_grad_(False)
+    tp.add_lora(model, 4, 4, 0.0, tp.SD3TextConditioner.lora_target_modules)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    process = tp.SD3TextConditioner([]).noise_process(tp.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    config = tp.AlignmentConfig(rescale=rescale, weight=0.5)
+    g = torch.Generator().manual_seed(6)
+    latents, noise, noise2 = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+
+    def conditioning(batch):
+        return tp.SD3Conditioning(torch.randn(batch, 20, 32, generator=g), torch.randn(batch, 24, generator=g))
+
+    cond, cond_clean, uncond = conditioning(2), conditioning(1), conditioning(1)
+    cond.hidden.requires_grad_(True)
+    cond.pooled.requires_grad_(True)
+    t1, t2 = torch.tensor([0.3, 0.85]) * 1000, torch.tensor([0.7, 0.25]) * 1000
+    params = [p for p in model.parameters() if p.requires_grad] + [cond.hidden, cond.pooled]
+    losses = tp.palp_losses(model, model, latents, noise, t1, t2, noise2, cond, cond_clean, uncond, process, config)
+    inputs = (latents, noise, noise2, cond, cond_clean, uncond, t1, t2)
+    reference = _sd3_reference_losses(model, inputs, config)
+    _assert_losses_match_reference(losses, reference, params, config.weight)
