@@ -2105,8 +2105,8 @@ def load_text_conditioner(args):
 
 
 def check_ddpm_model(args, model_index):
-    """PALP's mathematics here is DDPM ε/v-prediction on the model's ᾱ_t schedule, with latents scaled by the VAE's
-    ``scaling_factor`` alone. An EDM-style model (Playground v2.5: an EDM scheduler and a VAE whose config normalises
+    """PALP's mathematics here is DDPM ε/v-prediction on the model's ᾱ_t schedule (or SD3's rectified flow), with
+    latents scaled by the VAE's ``scaling_factor`` (and shifted by its ``shift_factor`` on SD3). An EDM-style model (Playground v2.5: an EDM scheduler and a VAE whose config normalises
     latents with ``latents_mean`` / ``latents_std``) would train silently with DDPM betas and unnormalised latents:
     it fails here, from its configs alone, naming what was found."""
     path, vae_path = args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path
@@ -2122,13 +2122,19 @@ def check_ddpm_model(args, model_index):
     if statistics:
         where = f"--pretrained_vae_model_name_or_path {vae_path!r}" if vae_path else "its VAE"
         found.append(f"{' and '.join(statistics)} in the config of {where}")
+    if scheduler.get("use_dynamic_shifting"):
+        raise UserInputError(
+            f"--pretrained_model_name_or_path {path!r}: its scheduler shifts σ by resolution (use_dynamic_shifting), "
+            "so its noise levels have no fixed training table; give a model whose scheduler has a fixed `shift` "
+            "(SD3 and SD3.5 do)."
+        )
     if found:
         raise UserInputError(
             f"--pretrained_model_name_or_path {path!r}: an EDM-style model ({'; '.join(found)}), as Playground v2.5 "
             "is. PALP's mathematics here is DDPM ε/v-prediction on the model's ᾱ_t schedule with latents scaled by "
             "the VAE's scaling_factor alone, so it would train this model with the wrong noise schedule and "
-            "unnormalised latents: give a DDPM-trained base model (SD 1.x/2.x or SDXL) and a VAE without latents "
-            "statistics."
+            "unnormalised latents: give a DDPM-trained base model (SD 1.x/2.x or SDXL) or a rectified-flow one (SD3, "
+            "SD3.5) and a VAE without latents statistics."
         )
 
 

@@ -273,6 +273,14 @@ def _flux(model, tmp_path):
     return folder
 
 
+def _dynamic_shift(model, tmp_path):
+    folder = tmp_path / "dynamic-shift"
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "use_dynamic_shifting": True}))
+    return folder
+
+
 def _unknown(model, tmp_path):
     folder = tmp_path / "unknown"
     shutil.copytree(model, folder)
@@ -289,8 +297,9 @@ def _unknown(model, tmp_path):
                           "model's CLIP text encoders (text_encoder, text_encoder_2)"),
         (_flux, "is a FluxPipeline model, which PALP cannot train: FLUX.1 is guidance-distilled"),
         (_unknown, "is a StableDiffusion3Img2ImgPipeline model; PALP trains text-to-image base models"),
+        (_dynamic_shift, "its scheduler shifts σ by resolution (use_dynamic_shifting)"),
     ],
-    ids=["no CLIP-G", "FLUX", "unknown pipeline"],
+    ids=["no CLIP-G", "FLUX", "unknown pipeline", "dynamic shift"],
 )  # fmt: skip
 def test_models_palp_cannot_train_fail_with_one_clear_message_before_any_weights_load(
     tiny_sd3_no_t5_path, tmp_path, monkeypatch, script, change, expected
