@@ -77,7 +77,7 @@ CONFIGS = {
     # DDS from the class phrase: the personalized prediction given ỹ_P ("a photo of a star") instead of y_P, which
     # takes out of D the -β·u term that pushes the subject towards a generic member of its class.
     **{f"class-source DDS λ={w}": PAPER + ["--alignment_mode", "class_source", "--alignment_weight", w]
-       for w in ("0.3", "0.6", "1", "2")},
+       for w in ("0.03", "0.1", "0.3", "0.6", "1", "2")},
     # The alignment gradient kept off the LoRA (the converse of "D on the LoRA only").
     **{f"D on the token only λ={w}": PAPER + ["--alignment_gradient", "token", "--alignment_weight", w]
        for w in ("0.3", "0.6", "1", "2")},

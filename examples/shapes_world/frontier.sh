@@ -2,7 +2,8 @@
 # Alignment–fidelity frontiers on the development split (PROTOCOL.md, "Which configuration goes to v2"): TI+DB at
 # 100/200/300 steps and every mechanism's λ sweep at 100 and 200 steps, training seeds 0 and 1, the four dev pairs,
 # 16 samples per run; then analysis.py --frontier. Three processes, one thread each (about six hours on 2 cores); runs
-# already in a runs.csv are skipped, so an interrupted sweep resumes.
+# already in a runs.csv (or, on a fresh clone, in the committed runs_*.csv) are skipped, so an interrupted sweep
+# resumes.
 #
 #   bash examples/shapes_world/frontier.sh            # from the repository root (or anywhere: it cds there)
 #
@@ -17,6 +18,12 @@ PYTHON=${PYTHON:-python}
 X=examples/shapes_world/experiment.py
 COMMON=(--split dev --pairs checkered_star:0 ringed_circle:1 orange_square:3 checkered_triangle:4 --seeds 0 1
         --num_samples 16)
+# A fresh clone has no runs/: each part starts from its committed rows, so only the missing runs are trained.
+for part in ti a b c d e; do
+  if [ ! -f "${OUT}_${part}/runs.csv" ] && [ -f "$RESULTS/runs_${part}.csv" ]; then
+    mkdir -p "${OUT}_${part}" && cp "$RESULTS/runs_${part}.csv" "${OUT}_${part}/runs.csv"
+  fi
+done
 sweep() { for w in "$@"; do printf '%s\n' "$PREFIX$w"; done; }
 run() { part=$1; shift; $PYTHON $X "${COMMON[@]}" --configs "$@" --steps 100 200 --output_dir "${OUT}_${part}"; }
 
@@ -32,7 +39,7 @@ run() { part=$1; shift; $PYTHON $X "${COMMON[@]}" --configs "$@" --steps 100 200
  run c "${C[@]}") > "${OUT}_b.log" 2>&1 &
 (mapfile -t D < <(PREFIX="calibrated D λ=" sweep 0.5 1 2 4)
  run d "${D[@]}"
- mapfile -t E < <(PREFIX="class-source DDS λ=" sweep 0.3 0.6 1 2; PREFIX="D on the token only λ=" sweep 0.3 0.6 1 2)
+ mapfile -t E < <(PREFIX="class-source DDS λ=" sweep 0.03 0.1 0.3 1; PREFIX="D on the token only λ=" sweep 0.3 0.6 1 2)
  run e "${E[@]}") > "${OUT}_d.log" 2>&1
 wait
 
