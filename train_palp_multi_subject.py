@@ -390,6 +390,14 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         help="Which trainable parameters the alignment loss updates (ours; the paper: 'all'). 'lora': the token "
         "learns the subject from the personalization loss alone and the LoRA aligns; 'token': the converse.",
     )
+    palp.add_argument(
+        "--teacher_inversion",
+        action="store_true",
+        help="With --alignment_mode teacher (ours): add the personalization loss of the pre-trained model (LoRA "
+        "off) on y_P, which reaches only the token, so that the token carries the subject in the frozen model too, "
+        "as textual inversion's does, and the teacher's picture of the target prompt shows the subject. One more "
+        "gradient pass per step.",
+    )
 
     # LoRA.
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (paper: 32).")
@@ -581,6 +589,11 @@ def validate_training_args(args):
     if args.alignment_calibration_steps <= 0:
         raise UserInputError(
             f"--alignment_calibration_steps must be a positive integer, got {args.alignment_calibration_steps}."
+        )
+    if args.teacher_inversion and args.alignment_mode != "teacher":
+        raise UserInputError(
+            "--teacher_inversion trains the token for the identity-bearing teacher: it needs --alignment_mode "
+            f"teacher, got {args.alignment_mode!r}."
         )
     if not 0.0 <= args.timestep_min_ratio <= args.timestep_max_ratio <= 1.0:
         raise UserInputError("--timestep_min_ratio and --timestep_max_ratio need 0 <= min <= max <= 1.")
@@ -1348,6 +1361,7 @@ class AlignmentConfig:
     normalization: str = "none"
     projection: str = "none"
     gradient: str = "all"
+    teacher_inversion: bool = False
     warmup_steps: int = 0
     calibration_steps: int = 25
 
@@ -1370,6 +1384,7 @@ class AlignmentConfig:
             normalization=args.alignment_normalization,
             projection=args.alignment_projection,
             gradient=args.alignment_gradient,
+            teacher_inversion=args.teacher_inversion,
             warmup_steps=args.alignment_warmup_steps,
             calibration_steps=args.alignment_calibration_steps,
         )
@@ -1557,12 +1572,20 @@ def palp_losses(
     Conditionings (or hidden-state tensors), whatever the model family. ``process`` is the noise process
     (:class:`DDPMProcess` or :class:`RectifiedFlowProcess`): it noises, reads ε̂ and x̂0 off the model's output and
     supplies the personalization loss and the balance; everything here is written in ε. ``calibration`` is the
-    run's :class:`DirectionCalibration`, needed by --alignment_normalization calibrated.
+    run's :class:`DirectionCalibration`, needed by --alignment_normalization calibrated. With
+    ``config.teacher_inversion`` L_pers also holds the same loss of the pre-trained model (LoRA off) on y_P.
     """
     cond_personal, cond_clean = Conditioning.of(cond_personal), Conditioning.of(cond_clean)
     x_t1 = process.add_noise(latents, noise, t1)
     model_output = cond_personal.denoise(unet, x_t1, t1)
     loss_pers = process.personalization_loss(model_output, latents, noise, t1)
+    if config.teacher_inversion:
+        # The teacher is the pre-trained model given the token. Textual inversion's loss on that model (the same
+        # x_t1 and ε, LoRA off) makes the token carry the subject there too; its gradient reaches only the token,
+        # since the frozen weights have none.
+        with lora_disabled(base_unet):
+            base_output = cond_personal.denoise(base_unet, x_t1, t1)
+        loss_pers = loss_pers + process.personalization_loss(base_output, latents, noise, t1)
     if config.mode == "none" or config.weight == 0:
         return loss_pers, torch.zeros_like(loss_pers)
 

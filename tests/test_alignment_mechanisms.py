@@ -1,6 +1,8 @@
 """The alignment mechanisms aimed at the part of D that erodes the subject's identity: DDS from the class phrase, the
 class-cancelling D, the identity-bearing teacher, the projection off the identity direction, and where the alignment gradient lands."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -8,7 +10,7 @@ from safetensors.torch import load_file
 import train_palp as tp
 import train_palp_multi_subject as tpm
 from conftest import reset_accelerate_state
-from test_palp_math import _inputs, _process, lora_unet  # noqa: F401  (lora_unet is a fixture)
+from test_palp_math import _inputs, _lora_params, _process, lora_unet  # noqa: F401  (lora_unet is a fixture)
 from test_train_palp import TOKEN, train
 
 
@@ -102,6 +104,30 @@ def test_class_source_is_dds_with_the_class_phrase_for_the_personalized_predicti
     assert grad.abs().sum() > 0
 
 
+def test_teacher_inversion_adds_the_frozen_models_loss_which_reaches_only_the_token(lora_unet):  # noqa: F811
+    """L_pers gains textual inversion's loss on the pre-trained model (LoRA off): its value is that model's loss at
+    the same x_t1 and ε, its gradient reaches y_P's conditioning and no LoRA weight, and the LoRA stays trainable."""
+    latents, noise, cond, cond_clean, uncond = _inputs(seed=5)
+    cond = cond.requires_grad_(True)
+    t1, t2 = torch.tensor([300, 700]), torch.tensor([500, 200])
+    teacher = tp.AlignmentConfig(mode="teacher")
+    inverted = tp.AlignmentConfig(mode="teacher", teacher_inversion=True)
+    plain, _ = _losses(lora_unet, teacher, latents, noise, cond, cond_clean, uncond, t1, t2, cond_teacher=cond_clean)
+    both, _ = _losses(lora_unet, inverted, latents, noise, cond, cond_clean, uncond, t1, t2, cond_teacher=cond_clean)
+    process = _process()
+    with torch.no_grad(), tp.lora_disabled(lora_unet):
+        x_t1 = process.add_noise(latents, noise, t1)
+        frozen = lora_unet(x_t1, t1, encoder_hidden_states=cond.detach()).sample
+    torch.testing.assert_close((both - plain).detach(), (frozen - noise).pow(2).mean(), atol=1e-6, rtol=1e-5)
+    lora = _lora_params(lora_unet)
+    extra = torch.autograd.grad(both - plain, [cond, *lora], allow_unused=True, retain_graph=True)
+    assert extra[0].abs().sum() > 0
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in extra[1:])
+    assert lora and all(p.requires_grad for p in lora)
+    (lora_grad,) = torch.autograd.grad(both, lora[:1])
+    assert lora_grad.abs().sum() > 0
+
+
 def test_teacher_given_the_clean_prompt_is_dds_and_otherwise_differs(lora_unet):  # noqa: F811
     latents, noise, cond, cond_clean, uncond = _inputs(seed=3)
     t1, t2 = torch.tensor([200, 700]), torch.tensor([500, 400])
@@ -182,6 +208,7 @@ def test_alignment_gradient_lands_where_asked(tiny_sd_path, instance_dir, tmp_pa
         ["--alignment_mode", "class_delta"],
         ["--alignment_mode", "class_source"],
         ["--alignment_mode", "teacher"],
+        ["--alignment_mode", "teacher", "--teacher_inversion"],
         ["--alignment_projection", "identity", "--alignment_normalization", "none"],
     ],
 )
@@ -281,19 +308,26 @@ def test_calibrated_run_checkpoints_its_factor_and_resumes_bit_exact(tiny_sd_pat
     )
 
 
-def _multi_argv(tiny_sd_path, instance_dir, tmp_path):
+def _multi_argv(tiny_sd_path, instance_dir, tmp_path, *extra):
     from test_multi_subject import common_flags, subject_flags
 
-    return [*subject_flags(str(instance_dir), str(instance_dir)), *common_flags(tiny_sd_path, tmp_path / "m"),
-            "--alignment_calibration_steps", "0"]
+    return [*subject_flags(str(instance_dir), str(instance_dir)), *common_flags(tiny_sd_path, tmp_path / "m"), *extra]
 
 
-def test_calibration_steps_must_be_positive(tiny_sd_path, instance_dir, tmp_path):
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--alignment_calibration_steps", "0"], "--alignment_calibration_steps must be a positive integer"),
+        (["--teacher_inversion"], "--teacher_inversion trains the token for the identity-bearing teacher: it needs "
+                                  "--alignment_mode teacher, got 'dds'"),
+    ],
+    ids=["calibration steps", "teacher inversion without the teacher"],
+)  # fmt: skip
+def test_mechanism_flags_fail_early_with_one_clear_message(tiny_sd_path, instance_dir, tmp_path, extra, message):
     from test_train_palp import base_args
 
-    argv = base_args(tiny_sd_path, instance_dir, tmp_path / "o", "--alignment_calibration_steps", "0")
+    argv = base_args(tiny_sd_path, instance_dir, tmp_path / "o", *extra)
     for script in (tp, tpm):
-        with pytest.raises(tp.UserInputError if script is tp else tpm.UserInputError,
-                           match="--alignment_calibration_steps must be a positive integer"):
-            script.parse_args(argv if script is tp else _multi_argv(tiny_sd_path, instance_dir, tmp_path))
-    assert not (tmp_path / "o").exists()
+        with pytest.raises(script.UserInputError, match=re.escape(message)):
+            script.parse_args(argv if script is tp else _multi_argv(tiny_sd_path, instance_dir, tmp_path, *extra))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m").exists()

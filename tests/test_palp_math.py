@@ -569,7 +569,7 @@ def test_alignment_config_from_args_round_trip(tmp_path):
     from conftest import write_instance_images
 
     flags = {
-        "mode": ("--alignment_mode", "sds"),
+        "mode": ("--alignment_mode", "teacher"),
         "guidance_scale_pretrained": ("--guidance_scale_pretrained", "3.25"),
         "guidance_scale_personalized": ("--guidance_scale_personalized", "2.5"),
         "weight": ("--alignment_weight", "0.75"),
@@ -582,6 +582,7 @@ def test_alignment_config_from_args_round_trip(tmp_path):
         "gradient": ("--alignment_gradient", "lora"),
         "warmup_steps": ("--alignment_warmup_steps", "7"),
         "calibration_steps": ("--alignment_calibration_steps", "9"),
+        "teacher_inversion": ("--teacher_inversion", None),
     }
     fields = [f.name for f in dataclasses.fields(tp.AlignmentConfig)]
     assert set(fields) == set(flags), f"give every AlignmentConfig field a flag in this test: {set(fields) ^ set(flags)}"
@@ -596,7 +597,7 @@ def test_alignment_config_from_args_round_trip(tmp_path):
     default = tp.AlignmentConfig()
     for name, (flag, value) in flags.items():
         got = getattr(config, name)
-        expected = False if value is None else type(getattr(default, name))(value)
+        expected = (not getattr(default, name)) if value is None else type(getattr(default, name))(value)
         assert got == expected != getattr(default, name), (name, flag, got)
 
 

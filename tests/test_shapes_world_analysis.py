@@ -149,7 +149,9 @@ def test_every_frontier_configuration_names_its_mechanism_and_strength():
     assert analysis.mechanism_of("PALP normalised D α=β=7.5") is None
     assert analysis.mechanism_of("TI+DB") is None
     script = (REPO_ROOT / "examples" / "shapes_world" / "frontier.sh").read_text()
-    for prefix in ("class-source DDS λ=", "D on the token only λ=", "calibrated D λ=", "PALP normalised D λ="):
+    assert analysis.mechanism_of("inverted teacher λ=3") == ("inverted teacher", 3.0)
+    for prefix in ("class-source DDS λ=", "D on the token only λ=", "calibrated D λ=", "PALP normalised D λ=",
+                   "inverted teacher λ="):
         assert f'PREFIX="{prefix}"' in script, prefix
 
 

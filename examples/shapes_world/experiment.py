@@ -81,6 +81,10 @@ CONFIGS = {
     # The alignment gradient kept off the LoRA (the converse of "D on the LoRA only").
     **{f"D on the token only λ={w}": PAPER + ["--alignment_gradient", "token", "--alignment_weight", w]
        for w in ("0.3", "0.6", "1", "2")},
+    # The identity-bearing teacher whose token is trained to carry the subject in the frozen model as well.
+    **{f"inverted teacher λ={w}": PAPER + ["--alignment_mode", "teacher", "--teacher_inversion",
+                                           "--alignment_weight", w]
+       for w in ("0.1", "0.3", "1", "3")},
     "PALP normalised D λ=0.5": PAPER + ["--alignment_normalization", "personalization", "--alignment_weight", "0.5"],
     # D times one factor measured over the first 25 steps, then held: the paper's D with λ set on the ratio of the
     # two pushes at the start, so that it does not fade as the residual shrinks.
