@@ -1,16 +1,17 @@
 """The alignment mechanisms aimed at the part of D that erodes the subject's identity: DDS from the class phrase, the
-class-cancelling D, the identity-bearing teacher, the projection off the identity direction, and where the alignment gradient lands."""
+class-cancelling D, the identity-bearing teacher (and its inverted token), the projection off the identity direction,
+where the alignment gradient lands, and the calibrated normalisation."""
 
 import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_palp_math import _inputs, _lora_params, _process, lora_unet  # noqa: F401  (lora_unet is a fixture)
 
 import train_palp as tp
 import train_palp_multi_subject as tpm
 from conftest import reset_accelerate_state
-from test_palp_math import _inputs, _lora_params, _process, lora_unet  # noqa: F401  (lora_unet is a fixture)
 from test_train_palp import TOKEN, train
 
 
