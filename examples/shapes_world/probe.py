@@ -20,6 +20,10 @@ The second probe (``probe_b/``: another seed, another augmentation, see ``augmen
 Accuracy on held-out renderings, and on the base model's samples of held-out captions:
 
     python examples/shapes_world/probe.py evaluate --model examples/shapes_world/model
+
+and on the flow-matching world's (``model_flow/``, sampled with its own Euler flow scheduler):
+
+    python examples/shapes_world/probe.py evaluate --model examples/shapes_world/model_flow --steps 10
 """
 
 import argparse
