@@ -53,7 +53,8 @@ def sample(pipe, prompt, num_samples, seed, guidance_scale, steps):
     """``num_samples`` images of one prompt, image i drawn from seed ``seed + i`` (uint8, (N, 32, 32, 3))."""
     generators = [torch.Generator().manual_seed(seed + i) for i in range(num_samples)]
     images = pipe([prompt] * num_samples, height=32, width=32, num_inference_steps=steps,
-                  guidance_scale=guidance_scale, generator=generators, output_type="np").images
+                  guidance_scale=guidance_scale, generator=generators, output_type="np",
+                  **probe_lib.sampling_kwargs(pipe)).images
     return (images * 255).round().astype(np.uint8)
 
 

@@ -20,6 +20,10 @@ The second probe (``probe_b/``: another seed, another augmentation, see ``augmen
 Accuracy on held-out renderings, and on the base model's samples of held-out captions:
 
     python examples/shapes_world/probe.py evaluate --model examples/shapes_world/model
+
+and on the flow-matching world's (``model_flow/``, sampled with its own Euler flow scheduler):
+
+    python examples/shapes_world/probe.py evaluate --model examples/shapes_world/model_flow --steps 10
 """
 
 import argparse
@@ -257,14 +261,34 @@ def accuracy(probe, images, labels):
 
 
 def load_pipeline(model, scheduler="dpm"):
-    """The shapes-world pipeline on CPU with a fast sampler (DPM-Solver++ by default)."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    """The shapes-world pipeline on CPU with a fast sampler: DPM-Solver++ by default for the UNet world (``model/``);
+    the flow-matching world (``model_flow/``, a ``StableDiffusion3Pipeline`` folder) keeps its Euler flow sampler."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
+    if is_flow_model(model):
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, text_encoder_3=None, tokenizer_3=None)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     if scheduler == "dpm":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def is_flow_model(model):
+    index = Path(model) / "model_index.json"
+    return index.exists() and json.loads(index.read_text())["_class_name"] == "StableDiffusion3Pipeline"
+
+
+def sampling_kwargs(pipe):
+    """Call arguments a shapes-world pipeline needs beyond the prompt: the flow world's transformer was trained with
+    no T5 tokens after the CLIP tokens (``pretrain_flow.T5_SEQUENCE_LENGTH``), and is sampled so."""
+    if "transformer" not in pipe.components:
+        return {}
+    from pretrain_flow import T5_SEQUENCE_LENGTH
+
+    return {"max_sequence_length": T5_SEQUENCE_LENGTH}
 
 
 def generate(pipe, prompts, seed=0, guidance_scale=5.0, steps=20, batch_size=32):
@@ -273,7 +297,7 @@ def generate(pipe, prompts, seed=0, guidance_scale=5.0, steps=20, batch_size=32)
     for i in range(0, len(prompts), batch_size):
         gen = torch.Generator().manual_seed(seed + i)
         images = pipe(list(prompts[i : i + batch_size]), height=32, width=32, num_inference_steps=steps,
-                      guidance_scale=guidance_scale, generator=gen, output_type="np").images
+                      guidance_scale=guidance_scale, generator=gen, output_type="np", **sampling_kwargs(pipe)).images
         out.append((images * 255).round().astype(np.uint8))
     return np.concatenate(out)
 
@@ -364,7 +388,8 @@ def parse_args(input_args=None):
     e.add_argument("--model", type=str, default=str(HERE / "model"), help="The shapes-world pipeline folder.")
     e.add_argument("--probe", type=str, default=str(DEFAULT_PROBE), help="The probe folder.")
     e.add_argument("--num_samples", type=int, default=256, help="Held-out captions to sample (one image each).")
-    e.add_argument("--steps", type=int, default=20, help="DPM-Solver++ sampling steps.")
+    e.add_argument("--steps", type=int, default=20,
+                   help="Sampling steps (DPM-Solver++ for model/, the flow-matching Euler sampler for model_flow/).")
     e.add_argument("--guidance_scales", type=float, nargs="+", default=[5.0], help="CFG scales to evaluate.")
     e.add_argument("--seed", type=int, default=1234, help="Seed of captions and sampling.")
     e.add_argument("--grid", type=str, default=None, help="Path prefix for a grid of the first 64 samples.")
