@@ -249,6 +249,15 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         help="Another VAE to use (a Hub id or folder holding an AutoencoderKL), e.g. an fp16-safe SDXL VAE such as "
         "'madebyollin/sdxl-vae-fp16-fix'. Default: the model's own VAE.",
     )
+    parser.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=256,
+        help="SD3 only: T5's token count in the conditioning of every prompt (StableDiffusion3Pipeline's "
+        "max_sequence_length; 256 is its default, so validation and the card sample as training conditioned). The "
+        "length changes what the transformer's attention sees: sample with the value trained with. A model loaded "
+        "without T5 gets that many zero rows, as the pipeline gives it.",
+    )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     parser.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
 
@@ -1829,6 +1838,13 @@ class TextConditioner:
     lora_target_modules = LORA_TARGET_MODULES
     kohya_lora = True  # a kohya/WebUI copy of the LoRA is written too
 
+    def configure(self, args):
+        """Settings of the family's own flags, checked before any weights load (SD and SDXL have none)."""
+
+    def call_kwargs(self):
+        """Arguments of the family's pipeline call that training's conditioning depends on (validation and card)."""
+        return {}
+
     def __init__(self, tokenizers, model_index=None):
         self.tokenizers = list(tokenizers)
         self.model_index = model_index or {}
@@ -2137,6 +2153,17 @@ class SD3TextConditioner(TextConditioner):
             tokenizer_3=self.t5_tokenizer,
         )
 
+    def configure(self, args):
+        if args.max_sequence_length < 0 or (self.t5_tokenizer is not None and args.max_sequence_length == 0):
+            raise UserInputError(
+                f"--max_sequence_length must be {'at least 1 with a T5 encoder' if self.t5_tokenizer else 'at least 0'}"
+                f", got {args.max_sequence_length}."
+            )
+        self.max_sequence_length = args.max_sequence_length
+
+    def call_kwargs(self):
+        return {"max_sequence_length": self.max_sequence_length}
+
     def load_code(self, repo, files_and_tokens):
         lines = ["# [V] goes into both CLIP tokenizers and encoders; T5 reads it as plain text, as in training."]
         for file, token in files_and_tokens:
@@ -2380,7 +2407,9 @@ def load_text_conditioner(args):
             f"--pretrained_model_name_or_path {path!r}: could not load its tokenizer ({error}). Check the name, "
             "your network and `hf auth login`, or give a local folder."
         ) from error
-    return family(model_index=model_index, **loaded)
+    conditioner = family(model_index=model_index, **loaded)
+    conditioner.configure(args)
+    return conditioner
 
 
 # Copied from train_palp.check_ddpm_model
@@ -2809,9 +2838,11 @@ def generate_images(
     seed,
     device,
     autocast,
+    call_kwargs=None,
 ):
     """Sample with a pipeline around the training modules themselves (no copy, no dtype cast of shared weights):
-    denoise under the training's ``autocast``, decode outside it (:func:`decode_latents`)."""
+    denoise under the training's ``autocast``, decode outside it (:func:`decode_latents`). ``call_kwargs``: the
+    family's own pipeline arguments (:meth:`TextConditioner.call_kwargs`)."""
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -2825,6 +2856,7 @@ def generate_images(
                     width=resolution,
                     generator=generator,
                     output_type="latent",
+                    **(call_kwargs or {}),
                 ).images
                 for _ in range(num_images)
             ]
@@ -2947,7 +2979,7 @@ from diffusers import {pipeline_name}
 pipe = {pipeline_name}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("{repo}")
 {loads}
-image = pipe("{config["target_prompt"]}").images[0]
+image = pipe("{config["target_prompt"]}"{"".join(f", {k}={v!r}" for k, v in conditioner.call_kwargs().items())}).images[0]
 ```
 
 {webui_usage(config["target_prompt"], token_list, single) if conditioner.kohya_lora else ""}
@@ -3523,6 +3555,7 @@ def validate(run, name):
         run.seed,
         run.accelerator.device,
         run.accelerator.autocast(),
+        run.conditioner.call_kwargs(),
     )
     folder = os.path.join(args.output_dir, "samples")
     return log_validation(run.accelerator, images, run.validation_prompt, run.global_step, folder, name)

@@ -413,3 +413,38 @@ def test_palp_losses_on_a_tiny_sd3_transformer_match_an_independent_reference(ti
     inputs = (latents, noise, noise2, cond, cond_clean, uncond, t1, t2)
     reference = _sd3_reference_losses(model, inputs, config)
     _assert_losses_match_reference(losses, reference, params, config.weight)
+
+
+def test_max_sequence_length_sets_t5s_part_as_the_pipeline_call_does(tiny_sd3_no_t5_path, tmp_path):
+    """--max_sequence_length 0 on a model without T5: no zero rows after CLIP's 77, as encode_prompt gives with
+    max_sequence_length=0; validation and the card's call pass the same value."""
+    out = tmp_path / "out"
+    run = train(tiny_sd3_no_t5_path, str(write_instance_images(tmp_path / "instance")), out, "--max_train_steps", "1",
+                "--num_validation_images", "1", "--max_sequence_length", "0")  # fmt: skip
+    pipe = load_pipeline(tiny_sd3_no_t5_path)
+    load_into(pipe, out)
+    with torch.no_grad():
+        embeds, negative, *_ = pipe.encode_prompt(TARGET, None, None, device="cpu", max_sequence_length=0)
+        ours = run.conditioner.encode(tuple(run.conditioner.tokenize([TARGET])))
+    assert ours.hidden.shape == run.uncond.hidden.shape == (1, 77, 32)
+    torch.testing.assert_close(ours.hidden, embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run.uncond.hidden, negative, atol=1e-5, rtol=1e-5)
+    assert run.conditioner.call_kwargs() == {"max_sequence_length": 0}
+    assert "max_sequence_length=0).images[0]" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("which,value,message", [
+    ("tiny_sd3_path", "0", "--max_sequence_length must be at least 1 with a T5 encoder, got 0."),
+    ("tiny_sd3_no_t5_path", "-1", "--max_sequence_length must be at least 0, got -1."),
+], ids=["zero with T5", "negative"])  # fmt: skip
+def test_max_sequence_length_out_of_range_fails_before_any_weights_load(
+    request, tmp_path, monkeypatch, which, value, message
+):
+    monkeypatch.setattr(tp, "load_models", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    argv = base_args(request.getfixturevalue(which), str(write_instance_images(tmp_path / "i")), tmp_path / "out",
+                     "--max_sequence_length", value)  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        tp.cli(argv)
+    assert str(info.value) == f"error: {message}"
+    leftovers = {p.name for p in (tmp_path / "out").iterdir()} if (tmp_path / "out").exists() else set()
+    assert not {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "README.md"} & leftovers
