@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -340,3 +341,34 @@ def test_resolution_must_fit_the_transformers_patches(tmp_path):
         "error: --resolution 24 must be a multiple of 16 for this model (VAE scale factor × the transformer's patch "
         "size), e.g. 32."
     )
+
+
+@pytest.mark.parametrize("which", ["trained", "trained_without_t5"], ids=["with-t5", "text_encoder_3=None"])
+def test_sample_palp_samples_an_sd3_run(which, request, tmp_path):
+    """A real SD3 run, sampled from its training_config.json alone (base model and target prompt): the transformer's
+    LoRA and both CLIP rows are the run's, and the LoRA changes the image."""
+    from conftest import load_example
+
+    sample_palp = load_example("sample_palp")
+    run, out = request.getfixturevalue(which)
+    common = ["--trained_dir", str(out), "--resolution", "32", "--num_inference_steps", "2", "--device", "cpu",
+              "--seeds", "0"]  # fmt: skip
+    rows = sample_palp.main(sample_palp.parse_args(common + ["--output_dir", str(tmp_path / "s1")]))
+    scale0 = sample_palp.main(
+        sample_palp.parse_args(common + ["--output_dir", str(tmp_path / "s0"), "--lora_scale", "0"])
+    )
+    assert rows[0][0].size == (32, 32) and (tmp_path / "s1" / "grid.png").is_file()
+    assert json.loads((tmp_path / "s1" / "sampling_config.json").read_text())["prompts"] == [TARGET]
+    assert np.abs(np.asarray(rows[0][0], dtype=int) - np.asarray(scale0[0][0], dtype=int)).max() > 0
+    lora_path, embedding_paths = sample_palp.find_trained_weights(str(out), tp.LORA_NAME, [])
+    path = run.config["pretrained_model_name_or_path"]
+    pipe = sample_palp.load_pipeline(path, lora_path, embedding_paths, "cpu", torch.float32)
+    assert isinstance(pipe, StableDiffusion3Pipeline) and (pipe.text_encoder_3 is None) == (which != "trained")
+    for embedding, encoder, tokenizer in zip(run.conditioner.embeddings, (pipe.text_encoder, pipe.text_encoder_2),
+                                             (pipe.tokenizer, pipe.tokenizer_2)):  # fmt: skip
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(TOKEN)]
+        torch.testing.assert_close(row, embedding.rows[0].detach().float())
+    x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(run.cond_clean.denoise(pipe.transformer, x, t),
+                                   run.cond_clean.denoise(run.base_unet, x, t), atol=1e-5, rtol=1e-5)  # fmt: skip
