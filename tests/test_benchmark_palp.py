@@ -200,13 +200,14 @@ def test_alternating_rounds_reverse_every_other_timed_round():
     assert {name: len(values) for name, values in times.items()} == {"ti_db": 2, "palp": 2}
 
 
-def test_memory_options_measure_quantized_base_and_8bit_adam_in_one_run(capsys):
+@pytest.mark.parametrize("model", ["tiny", "tiny_sd3"])
+def test_memory_options_measure_quantized_base_and_8bit_adam_in_one_run(model, capsys):
     """--base_quantization and --use_8bit_adam: every combination measured in one run, as ratios of the
-    full-precision base with AdamW; the quantized UNet's resident bytes count bitsandbytes' scales too."""
+    full-precision base with AdamW; the quantized denoiser's resident bytes count bitsandbytes' scales too."""
     import bitsandbytes as bnb
 
     args = bench.parse_args(
-        ["--model", "tiny", "--rank", "4", "--resolution", "64", "--warmup", "0", "--repeats", "1"]
+        ["--model", model, "--rank", "4", "--resolution", "64", "--warmup", "0", "--repeats", "1"]
         + ["--variants", "ti_db", "palp", "--use_8bit_adam", "both", "--base_quantization", "none", "nf4"]
     )
     report = bench.main(args)
@@ -220,7 +221,7 @@ def test_memory_options_measure_quantized_base_and_8bit_adam_in_one_run(capsys):
     split = report["settings"][0]["unet_parameters"]
     assert 0 < split["quantized_weights"] < split["total"]
 
-    models = bench.build_models("tiny", 4, torch.device("cpu"), torch.float32, 0, False, base_quantization="nf4")
+    models = bench.build_models(model, 4, torch.device("cpu"), torch.float32, 0, False, base_quantization="nf4")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in models.unet.modules())
     scales = bench.quantization_state_tensors(models.unet)
     assert scales and bench.tensor_bytes(scales) > 0
