@@ -77,8 +77,8 @@ def parse_args(input_args=None):
         type=str,
         default=None,
         help=(
-            "Base model (Hub id or local folder: SD 1.x/2.x, SDXL or SD 3/3.5) the PALP model was trained on. Required to generate "
-            "images; default: the one recorded in --trained_dir/training_config.json."
+            "Base model (Hub id or local folder: SD 1.x/2.x, SDXL or SD 3/3.5) the PALP model was trained on. "
+            "Required to generate images; default: the one recorded in --trained_dir/training_config.json."
         ),
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")

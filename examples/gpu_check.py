@@ -28,9 +28,10 @@ each family for a CPU smoke run. The runs:
 After each run: every logged loss is finite, the LoRA and the token row are fp32 while the frozen weights are in the
 training dtype, the mid-run validation image exists, every validation image decodes finite and not constant (the
 VAE decodes outside autocast), and the outputs load into a fresh pipeline of the family as sample_palp.py loads them
-(``load_lora_weights``, then ``load_textual_inversion``, or SD3's model-card lines) and sample a finite image. Last, ``benchmark_palp.py`` measures
-the floor ratio (PALP step / (TI+DB step + the gradient-free passes alone)) and the memory ratio (PALP / TI+DB peak)
-at the same resolution in fp16 (bf16 for SD3). A summary is printed and every figure goes to ``--output_json``.
+(``load_lora_weights``, then ``load_textual_inversion``, or SD3's model-card lines) and sample a finite image. Last,
+``benchmark_palp.py`` measures the floor ratio (PALP step / (TI+DB step + the gradient-free passes alone)) and the
+memory ratio (PALP / TI+DB peak) at the same resolution in fp16 (bf16 for SD3). A summary is printed and every
+figure goes to ``--output_json``.
 """
 
 import argparse

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Sample a trained PALP model: base Stable Diffusion (1.x/2.x, XL or 3/3.5) + the LoRA + the learned token embedding(s).
+"""Sample a trained PALP model: base model (Stable Diffusion 1.x/2.x, XL or 3/3.5) + the LoRA + the learned token
+embedding(s).
 
     python examples/sample_palp.py \\
         --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \\
@@ -10,8 +11,9 @@
 ``--trained_dir`` is the ``--output_dir`` of train_palp.py: its ``pytorch_lora_weights.safetensors`` is loaded
 with ``pipe.load_lora_weights`` and every ``learned_embeds*.safetensors`` in it (one file per placeholder token)
 with ``pipe.load_textual_inversion`` (SD 3/3.5, whose pipeline has none: the token is added to both CLIP tokenizers
-and its rows set, as the model card's lines do); ``--embedding`` adds more files. Without ``--pretrained_model_name_or_path``
-or ``--prompts``, the base model and the target prompt recorded in its ``training_config.json`` are used.
+and its rows set, as the model card's lines do); ``--embedding`` adds more files. Without
+``--pretrained_model_name_or_path`` or ``--prompts``, the base model and the target prompt recorded in its
+``training_config.json`` are used. The base model's ``model_index.json`` says its family: SD 1.x/2.x, SDXL or SD3.
 
 Writes one PNG per (prompt, seed), named ``prompt{i:02d}_seed{seed}.png`` (``i`` = position of the prompt in
 the list), ``grid.png`` (rows = prompts, columns = seeds) and ``sampling_config.json`` (prompts and settings).
@@ -43,8 +45,8 @@ def parse_args(input_args=None):
         type=str,
         default=None,
         help=(
-            "Base model (Hub id or local folder: SD 1.x/2.x, SDXL or SD 3/3.5) the PALP model was trained on. Default: the one "
-            "recorded in --trained_dir/training_config.json."
+            "Base model (Hub id or local folder: SD 1.x/2.x, SDXL or SD 3/3.5) the PALP model was trained on. "
+            "Default: the one recorded in --trained_dir/training_config.json."
         ),
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
@@ -104,7 +106,8 @@ def parse_args(input_args=None):
         "--lora_scale",
         type=float,
         default=1.0,
-        help="Weight of the LoRA update: 0 gives the base UNet / transformer (the learned tokens still apply), 1 the trained model.",
+        help="Weight of the LoRA update: 0 gives the base UNet / transformer (the learned tokens still apply), 1 the "
+        "trained model.",
     )
     parser.add_argument(
         "--resolution",

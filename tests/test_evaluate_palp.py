@@ -378,8 +378,9 @@ def test_defaults_from_training_config(trained_dir, instance_dir, tmp_path):
 def test_sd3_run_is_generated_as_sample_palp_samples_it_and_scored(
     base, request, tiny_clip_path, instance_dir, tmp_path
 ):
-    """An SD3 output (LoRA on the transformer, {"clip_l", "clip_g"} token file) is evaluated on the images sample_palp.py
-    gives for the same settings, the LoRA scale reaching the transformer; the scores are the direct CLIP cosines."""
+    """An SD3 output (LoRA on the transformer, {"clip_l", "clip_g"} token file) is evaluated on the images
+    sample_palp.py gives for the same settings, the LoRA scale reaching the transformer; the scores are the direct
+    CLIP cosines."""
     sample_palp = load_example("sample_palp")
     base_path = request.getfixturevalue(base)
     trained = tmp_path / "trained"

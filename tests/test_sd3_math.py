@@ -66,7 +66,8 @@ def test_sd3_denoise_calls_the_transformer_as_the_pipeline_does(tiny_sd3_path):
 
 
 def test_sd3_latents_are_shifted_then_scaled_and_decoded_back(tiny_sd3_path):
-    """Training latents are (z - shift_factor) · scaling_factor; decode_latents undoes both, as the pipeline decodes."""
+    """Training latents are (z - shift_factor) · scaling_factor; decode_latents undoes both, as the pipeline
+    decodes."""
     vae = AutoencoderKL.from_pretrained(tiny_sd3_path, subfolder="vae")
     assert vae.config.shift_factor == 0.0609 and vae.config.scaling_factor == 1.5035
     sampler = tp.LatentSampler(vae, [Image.new("RGB", (32, 32), (200, 30, 30))], 32, True, False, "cpu",
