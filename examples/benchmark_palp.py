@@ -40,6 +40,16 @@ the same quantity.
     python examples/benchmark_palp.py --model tiny --sizes 128x1 256x1 256x2 256x4 --variants core
     # on a GPU, at real size
     python examples/benchmark_palp.py --model sd15 --device cuda --mixed_precision fp16 --resolution 512
+    # Stable Diffusion 3.5 Medium's MMDiT and both CLIP encoders (rectified flow), on a GPU
+    python examples/benchmark_palp.py --model sd3 --device cuda --mixed_precision bf16 --resolution 512
+
+``--model sd3`` / ``tiny_sd3`` build Stable Diffusion 3.5 Medium's transformer (or a tiny one of the same kind: MMDiT
+joint blocks with SD3.5's dual attention and RMS q/k norm, 16 latent channels) with its two CLIP text encoders and
+train it as train_palp.py trains an SD3 model: rectified flow with preconditioned outputs on the shifted σ table, the
+LoRA on both streams' attention. T5 is left out, as with ``text_encoder_3=None``: its part of the sequence is zeros
+of T5's width, 256 rows long, which costs the transformer exactly what T5's states cost. With T5, train_palp.py runs
+it once per distinct prompt (it never sees the token), so T5 adds resident memory (4.7 B parameters) to both steps
+and no time per step; the memory ratio here leaves it out of both sides.
 """
 
 import argparse
@@ -61,7 +71,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from transformers import CLIPTextConfig
@@ -198,14 +208,74 @@ TINY_SDXL_TEXT_CONFIGS = (
     dict(TINY_TEXT_CONFIG, hidden_size=16),
     dict(TINY_TEXT_CONFIG, hidden_size=32, projection_dim=24),
 )
-# model -> (text conditioner of the family, UNet config, one text config per encoder)
+# Stable Diffusion 3.5 Medium's MMDiT. Written from the published transformer/config.json of
+# stabilityai/stable-diffusion-3.5-medium as we remember it (no download here); checked against diffusers'
+# SD3Transformer2DModel: every key is one of its arguments, the joint width num_attention_heads · attention_head_dim
+# = 1536 equals caption_projection_dim as the blocks require, pooled_projection_dim = 768 + 1280 (CLIP-L ‖ CLIP-G
+# pooled), and diffusers' own comment gives dual_attention_layers = 0 … 12 for SD3.5. From memory only: num_layers 24,
+# num_attention_heads 24, pos_embed_max_size 384 and sample_size 128. With them the model has 2.24 B parameters plus a
+# 0.23 B-entry positional-embedding table (384² × 1536), 2.47 B in all: the 2.5 B Stability AI gives for SD3.5 Medium.
+SD35_MEDIUM_TRANSFORMER_CONFIG = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+# SD3's scheduler: FlowMatchEulerDiscreteScheduler with the shift 3.0 of SD3 Medium's and SD3.5's configs.
+SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
+# A tiny MMDiT of the same kind: 16 latent channels, a dual-attention block, RMS q/k norm; CLIP widths 16 and 32.
+TINY_SD3_TRANSFORMER_CONFIG = dict(
+    SD35_MEDIUM_TRANSFORMER_CONFIG,
+    sample_size=8,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=64,
+    caption_projection_dim=16,
+    pooled_projection_dim=16 + 32,
+    pos_embed_max_size=32,
+    dual_attention_layers=(0,),
+)
+TINY_SD3_TEXT_CONFIGS = (
+    dict(TINY_TEXT_CONFIG, hidden_size=16, projection_dim=16),
+    dict(TINY_TEXT_CONFIG, hidden_size=32, projection_dim=32),
+)
+DDPM_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+)
+# model -> (text conditioner of the family, denoiser config, one text config per CLIP encoder, scheduler config);
+# the family gives the denoiser's and the scheduler's classes.
 ARCHITECTURES = {
-    "tiny": (tp.TextConditioner, TINY_UNET_CONFIG, (TINY_TEXT_CONFIG,)),
-    "sd15": (tp.TextConditioner, SD15_UNET_CONFIG, (SD15_TEXT_CONFIG,)),
-    "tiny_sdxl": (tp.SDXLTextConditioner, TINY_SDXL_UNET_CONFIG, TINY_SDXL_TEXT_CONFIGS),
-    "sdxl": (tp.SDXLTextConditioner, SDXL_UNET_CONFIG, (SD15_TEXT_CONFIG, SDXL_TEXT_CONFIG_2)),
+    "tiny": (tp.TextConditioner, TINY_UNET_CONFIG, (TINY_TEXT_CONFIG,), DDPM_SCHEDULER_CONFIG),
+    "sd15": (tp.TextConditioner, SD15_UNET_CONFIG, (SD15_TEXT_CONFIG,), DDPM_SCHEDULER_CONFIG),
+    "tiny_sdxl": (tp.SDXLTextConditioner, TINY_SDXL_UNET_CONFIG, TINY_SDXL_TEXT_CONFIGS, DDPM_SCHEDULER_CONFIG),
+    "sdxl": (tp.SDXLTextConditioner, SDXL_UNET_CONFIG, (SD15_TEXT_CONFIG, SDXL_TEXT_CONFIG_2), DDPM_SCHEDULER_CONFIG),
+    "tiny_sd3": (tp.SD3TextConditioner, TINY_SD3_TRANSFORMER_CONFIG, TINY_SD3_TEXT_CONFIGS, SD3_SCHEDULER_CONFIG),
+    # SD3's CLIP-L and CLIP-G are SDXL's two encoders, both with their projection.
+    "sd3": (
+        tp.SD3TextConditioner,
+        SD35_MEDIUM_TRANSFORMER_CONFIG,
+        (SD15_TEXT_CONFIG, SDXL_TEXT_CONFIG_2),
+        SD3_SCHEDULER_CONFIG,
+    ),
 }
-LATENT_SCALE_FACTOR = 8  # SD's and SDXL's VAE: 512 px images are 64×64 latents
+LATENT_SCALE_FACTOR = 8  # every family's VAE: 512 px images are 64×64 latents
+
+
+def resolution_multiple(model):
+    """Pixels a resolution must be a multiple of: 64 for a UNet (latents a multiple of 8, for its down-sampling),
+    16 for SD3's transformer (latents a multiple of its 2×2 patches)."""
+    family = ARCHITECTURES[model][0]
+    return LATENT_SCALE_FACTOR * (8 if family.denoiser_folder == "unet" else 2)
 
 
 def parse_args(input_args=None):
@@ -218,10 +288,12 @@ def parse_args(input_args=None):
         "--model",
         type=str,
         default="tiny",
-        choices=["tiny", "sd15", "tiny_sdxl", "sdxl"],
+        choices=list(ARCHITECTURES),
         help="'sd15': Stable Diffusion 1.5's UNet and CLIP text encoder architecture with random weights; 'sdxl': "
         "SDXL base's UNet and both text encoders (CLIP ViT-L and OpenCLIP ViT-bigG), random weights, about 14 GB "
-        "in fp32; 'tiny' / 'tiny_sdxl': the test suite's tiny layouts (seconds, for smoke runs).",
+        "in fp32; 'sd3': Stable Diffusion 3.5 Medium's MMDiT transformer (about 2.5 B parameters) and both CLIP "
+        "encoders, random weights, rectified flow, without T5 (see the module docstring), about 14 GB in fp32; "
+        "'tiny' / 'tiny_sdxl' / 'tiny_sd3': tiny layouts of each family (seconds, for smoke runs).",
     )
     parser.add_argument(
         "--device",
@@ -240,7 +312,10 @@ def parse_args(input_args=None):
         "fp16 needs --device cuda.",
     )
     parser.add_argument(
-        "--resolution", type=int, default=256, help="Image resolution in pixels; latents are resolution / 8."
+        "--resolution",
+        type=int,
+        default=256,
+        help="Image resolution in pixels; latents are resolution / 8. A multiple of 64 for a UNet, of 16 for SD3.",
     )
     parser.add_argument("--train_batch_size", type=int, default=1, help="Images per step.")
     parser.add_argument(
@@ -334,11 +409,13 @@ def validate_args(args):
         )
     if args.warmup < 0 or args.repeats < 1:
         raise SystemExit("error: --warmup must be >= 0 and --repeats >= 1.")
+    multiple = resolution_multiple(args.model)
     for resolution, batch in parse_sizes(args):
-        if resolution <= 0 or resolution % (LATENT_SCALE_FACTOR * 8) or batch <= 0:
+        if resolution <= 0 or resolution % multiple or batch <= 0:
             raise SystemExit(
-                f"error: size {resolution}x{batch}: the resolution must be a positive multiple of 64 (latents a "
-                "multiple of 8, as the UNet's down-sampling needs) and the batch positive."
+                f"error: size {resolution}x{batch}: the resolution must be a positive multiple of {multiple} for "
+                f"--model {args.model} (a UNet's latents a multiple of 8, for its down-sampling; SD3's a multiple of "
+                "its 2×2 patches) and the batch positive."
             )
 
 
@@ -374,7 +451,7 @@ def selected_variants(names):
 
 @dataclass
 class Models:
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # the denoiser: a UNet, or SD3's transformer
     conditioner: tp.TextConditioner  # the family's text encoders, each with its placeholder row
     lora_config: object
     noise_scheduler: DDPMScheduler
@@ -394,21 +471,20 @@ def prompt_token_ids(word_ids, bos, eos, pad, length=77):
 
 
 def build_models(model, rank, device, weight_dtype, seed, with_frozen_copy, base_quantization="none"):
-    """UNet + LoRA and text encoder + placeholder row, as ``train_palp.prepare_models`` prepares them.
+    """Denoiser (UNet or SD3 transformer) + LoRA and text encoders + placeholder rows, as
+    ``train_palp.prepare_models`` prepares them.
 
     No tokenizer is needed: prompts are fixed token ids of the right length (77, the cost does not depend on the
     words): y_P = "a photo of [V]", y_c = "a sketch of a cat in paris", ∅ = "". With ``base_quantization`` the
     random UNet is written to a temporary folder and loaded back quantized, as train_palp.py loads a model.
     """
-    family, unet_config, text_configs = ARCHITECTURES[model]
+    family, unet_config, text_configs, scheduler_config = ARCHITECTURES[model]
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config)
+    unet = family.denoiser_class(**unet_config)
     text_encoders = [
         encoder_class(CLIPTextConfig(**config)) for encoder_class, config in zip(family.encoder_classes, text_configs)
     ]
-    noise_scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
-    )
+    noise_scheduler = family.scheduler_class(**scheduler_config)
     for module in (unet, *text_encoders):
         module.requires_grad_(False)
 
@@ -418,6 +494,8 @@ def build_models(model, rank, device, weight_dtype, seed, with_frozen_copy, base
     placeholder_id, class_id = vocab_size, 400
     conditioner = family(tokenizers=[None] * len(text_encoders))
     conditioner.text_encoders = text_encoders
+    if family is tp.SD3TextConditioner:
+        conditioner.joint_attention_dim = unet_config["joint_attention_dim"]  # no T5: zeros of its width
     for text_encoder in text_encoders:
         text_encoder.resize_token_embeddings(vocab_size + 1, mean_resizing=False)
         base = text_encoder.get_input_embeddings()
@@ -453,16 +531,16 @@ def build_models(model, rank, device, weight_dtype, seed, with_frozen_copy, base
         with tempfile.TemporaryDirectory() as folder:
             unet.save_pretrained(folder)
             del unet
-            unet = load_quantized_unet(folder, base_quantization, weight_dtype, device)
-    lora_config = tp.add_lora(unet, rank, rank, 0.0)
+            unet = load_quantized_unet(family.denoiser_class, folder, base_quantization, weight_dtype, device)
+    lora_config = tp.add_lora(unet, rank, rank, 0.0, target_modules=family.lora_target_modules)
     cast_training_params([unet, *text_encoders], dtype=torch.float32)
     return Models(unet, conditioner, lora_config, noise_scheduler, frozen_copy, prompt_ids, unet_parameters)
 
 
-def load_quantized_unet(folder, mode, weight_dtype, device):
-    """The UNet of ``folder`` through diffusers' BitsAndBytesConfig, as train_palp.load_models loads it."""
+def load_quantized_unet(denoiser_class, folder, mode, weight_dtype, device):
+    """The denoiser of ``folder`` through diffusers' BitsAndBytesConfig, as train_palp.load_models loads it."""
     with cpu_quantizer() if device.type == "cpu" else contextlib.nullcontext():
-        quantized = UNet2DConditionModel.from_pretrained(
+        quantized = denoiser_class.from_pretrained(
             folder,
             quantization_config=tp.base_quantization_config(mode, weight_dtype),
             torch_dtype=weight_dtype,
@@ -538,8 +616,9 @@ def build_run(accelerator, models, resolution, batch_size, alignment, weight_dty
     conditioner.text_encoders, conditioner.resolution = text_encoders, resolution
     cond_clean, uncond = conditioner.encode_fixed_ids(fixed_prompt_ids(models), device, weight_dtype)
     latent_size = resolution // LATENT_SCALE_FACTOR
+    channels = models.unet.config.in_channels  # 4 for SD and SDXL, 16 for SD3
     mean_latents = torch.randn(
-        (batch_size, 4, latent_size, latent_size), generator=torch.Generator().manual_seed(seed)
+        (batch_size, channels, latent_size, latent_size), generator=torch.Generator().manual_seed(seed)
     )
     personal_ids = tuple(ids.repeat(batch_size, 1) for ids in models.prompt_ids["personal"])
     # Square photos of the training resolution, uncropped: SDXL's time_ids (the SD families ignore them).
@@ -600,7 +679,7 @@ def benchmark_step(run, micro_step, options=None):
             t_bounds = tp.timestep_bounds(
                 scheduler.config.num_train_timesteps, run.args.timestep_min_ratio, run.args.timestep_max_ratio
             )
-            process = tp.ddpm_process(scheduler, device)
+            process = run.conditioner.noise_process(scheduler, device)
         noise, t1, t2, noise2 = tp.sample_step_noise(latents.shape, process, t_bounds, run.alignment, generator)
         # Pinned host memory lets the copies run without stopping the host until the device is idle.
         non_blocking = options.hoisted is not None and device.type == "cuda"
@@ -643,8 +722,8 @@ def guided_epsilon_unbatched(unet, x_t, t, cond, uncond, scale, process):
         return tp.guided_epsilon(unet, x_t, t, cond, uncond, scale, process)
     cond = tp.Conditioning.of(cond)
     uncond = tp.Conditioning.of(uncond).to(cond.hidden.dtype).expand(x_t.shape[0])
-    eps_cond = process.epsilon(unet(x_t, t, **cond.unet_kwargs()).sample.float(), x_t.float(), t)
-    eps_uncond = process.epsilon(unet(x_t, t, **uncond.unet_kwargs()).sample.float(), x_t.float(), t)
+    eps_cond = process.epsilon(cond.denoise(unet, x_t, t).float(), x_t.float(), t)
+    eps_uncond = process.epsilon(uncond.denoise(unet, x_t, t).float(), x_t.float(), t)
     return tp.classifier_free_guidance(eps_uncond, eps_cond, scale)
 
 
@@ -653,7 +732,7 @@ def guided_epsilon_no_skip(unet, x_t, t, cond, uncond, scale, process):
     batch = x_t.shape[0]
     cond = tp.Conditioning.of(cond)
     both = tp.Conditioning.cat([cond, tp.Conditioning.of(uncond).to(cond.hidden.dtype).expand(batch)])
-    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), **both.unet_kwargs()).sample
+    out = both.denoise(unet, torch.cat([x_t, x_t]), torch.cat([t, t]))
     eps = process.epsilon(out.float(), torch.cat([x_t, x_t]).float(), torch.cat([t, t]))
     eps_cond, eps_uncond = eps.chunk(2)
     return tp.classifier_free_guidance(eps_uncond, eps_cond, scale)
@@ -683,7 +762,7 @@ def palp_losses_with(guided=tp.guided_epsilon, pretrained_unet=None):
     ):
         cond_personal, cond_clean = tp.Conditioning.of(cond_personal), tp.Conditioning.of(cond_clean)
         x_t1 = process.add_noise(latents, noise, t1)
-        model_output = unet(x_t1, t1, **cond_personal.unet_kwargs()).sample
+        model_output = cond_personal.denoise(unet, x_t1, t1)
         loss_pers = process.personalization_loss(model_output, latents, noise, t1)
         if config.mode == "none" or config.weight == 0:
             return loss_pers, torch.zeros_like(loss_pers)
@@ -730,7 +809,7 @@ def passes_inputs(run, micro_steps):
     """For each micro-step, the inputs of the gradient-free passes as the step would have them: x_t2 (from the
     step's latents, ε2 and t2), t2, the noise process and y_P's embedding."""
     device, scheduler = run.accelerator.device, run.noise_scheduler
-    process = tp.ddpm_process(scheduler, device)
+    process = run.conditioner.noise_process(scheduler, device)
     t_bounds = tp.timestep_bounds(
         scheduler.config.num_train_timesteps, run.args.timestep_min_ratio, run.args.timestep_max_ratio
     )
@@ -788,7 +867,7 @@ def build_variants(names, run, models, alpha, beta, micro_steps):
     device = run.accelerator.device
     reencode_ids = fixed_prompt_ids(models)
     hoisted = {
-        "process": tp.ddpm_process(run.noise_scheduler, device),
+        "process": run.conditioner.noise_process(run.noise_scheduler, device),
         "t_bounds": tp.timestep_bounds(
             run.noise_scheduler.config.num_train_timesteps, run.args.timestep_min_ratio, run.args.timestep_max_ratio
         ),
@@ -1212,7 +1291,7 @@ def format_memory_options(results):
     split = results[0].get("unet_parameters")
     if split:
         lines.append(
-            f"UNet: {split['total'] / 1e6:.1f} M parameters, {split['quantized_weights'] / 1e6:.1f} M of them "
+            f"Denoiser: {split['total'] / 1e6:.1f} M parameters, {split['quantized_weights'] / 1e6:.1f} M of them "
             f"({split['quantized_weights'] / split['total']:.1%}) in the linear weights that bitsandbytes quantizes"
         )
     return "\n".join(lines)

@@ -40,7 +40,13 @@ from PIL import Image
 
 # Loading a trained folder is the sampling script's job; the two example scripts live side by side.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sample_palp import find_trained_weights, load_pipeline, read_embedding_token, resolve_device_and_dtype  # noqa: E402
+from sample_palp import (  # noqa: E402
+    find_trained_weights,
+    load_pipeline,
+    lora_scale_kwargs,
+    read_embedding_token,
+    resolve_device_and_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +77,8 @@ def parse_args(input_args=None):
         type=str,
         default=None,
         help=(
-            "Base Stable Diffusion model (Hub id or local folder) the PALP model was trained on. Required to generate "
-            "images; default: the one recorded in --trained_dir/training_config.json."
+            "Base model (Hub id or local folder: SD 1.x/2.x, SDXL or SD 3/3.5) the PALP model was trained on. "
+            "Required to generate images; default: the one recorded in --trained_dir/training_config.json."
         ),
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
@@ -335,7 +341,7 @@ def generate_images(pipe, args, seeds):
             height=args.resolution,
             width=args.resolution,
             generator=generator,
-            cross_attention_kwargs={"scale": args.lora_scale},
+            **lora_scale_kwargs(pipe, args.lora_scale),
         ).images[0]
         images.append(image)
         logger.info(f"Generated image {len(images)}/{len(seeds)} (seed {seed}).")

@@ -4,11 +4,19 @@
 """One command that checks train_palp.py on one GPU, with nothing downloaded.
 
     python examples/gpu_check.py                      # one CUDA device, SD 1.5 architecture, 512 px
+    python examples/gpu_check.py --model sdxl         # SDXL base's architecture
+    python examples/gpu_check.py --model sd3          # SD3.5 Medium's architecture (rectified flow), without T5
+    python examples/gpu_check.py --model sd3 --dry_run                # print the plan, build and run nothing
     python examples/gpu_check.py --device cpu --model tiny --resolution 64 --max_train_steps 2   # smoke run
 
-It builds a Stable Diffusion 1.5-architecture pipeline with random weights from configs (UNet, VAE, CLIP text
-encoder and a generated CLIP BPE tokenizer of the real vocabulary size), writes it to a folder and runs
-``train_palp.py`` on it, in this process, as a user would:
+It builds a pipeline of the chosen architecture with random weights from configs (denoiser, VAE, CLIP text
+encoder(s) and generated CLIP BPE tokenizers of the real vocabulary size), writes it to a folder and runs
+``train_palp.py`` on it, in this process, as a user would. The architectures are benchmark_palp.py's: Stable
+Diffusion 1.5; SDXL base (its UNet, CLIP ViT-L and OpenCLIP ViT-bigG, the 4-channel VAE); SD3.5 Medium (its MMDiT,
+both CLIP encoders, the 16-channel VAE with ``shift_factor``, the shifted flow-matching scheduler). SD3 is built
+without T5 (``text_encoder_3=None``, as the README advises for small GPUs): T5 is frozen and never sees the token, so
+it adds memory but no code path that PALP touches. ``tiny``, ``tiny_sdxl`` and ``tiny_sd3`` are tiny layouts of
+each family for a CPU smoke run. The runs:
 
 1. fp16 (``no`` on the CPU) with ``--gradient_checkpointing``, plus ``--use_8bit_adam`` when bitsandbytes is
    installed and ``--enable_xformers_memory_efficient_attention`` when xformers is (CUDA only), one
@@ -19,10 +27,11 @@ encoder and a generated CLIP BPE tokenizer of the real vocabulary size), writes 
 
 After each run: every logged loss is finite, the LoRA and the token row are fp32 while the frozen weights are in the
 training dtype, the mid-run validation image exists, every validation image decodes finite and not constant (the
-VAE decodes outside autocast), and the outputs load into a fresh ``StableDiffusionPipeline``
-(``load_lora_weights`` + ``load_textual_inversion``) and sample a finite image. Last, ``benchmark_palp.py`` measures
-the floor ratio (PALP step / (TI+DB step + the gradient-free passes alone)) and the memory ratio (PALP / TI+DB peak)
-at the same resolution in fp16. A summary is printed and every figure goes to ``--output_json``.
+VAE decodes outside autocast), and the outputs load into a fresh pipeline of the family as sample_palp.py loads them
+(``load_lora_weights``, then ``load_textual_inversion``, or SD3's model-card lines) and sample a finite image. Last,
+``benchmark_palp.py`` measures the floor ratio (PALP step / (TI+DB step + the gradient-free passes alone)) and the
+memory ratio (PALP / TI+DB peak) at the same resolution in fp16 (bf16 for SD3). A summary is printed and every
+figure goes to ``--output_json``.
 """
 
 import argparse
@@ -46,6 +55,8 @@ for folder in (REPO_ROOT, EXAMPLES):
         sys.path.insert(0, str(folder))
 
 import benchmark_palp as bench  # noqa: E402
+import sample_palp  # noqa: E402
+
 import train_palp as tp  # noqa: E402
 
 TOKEN = "<palp-check>"
@@ -73,6 +84,35 @@ TINY_VAE_CONFIG = dict(
     norm_num_groups=8,
     sample_size=16,
 )
+# SDXL's VAE: SD's layout with its own scaling factor (and force_upcast, diffusers' default, for fp16).
+SDXL_VAE_CONFIG = dict(SD15_VAE_CONFIG, sample_size=1024, scaling_factor=0.13025)
+# SD3's VAE: 16 latent channels, no quant convs, latents (z - shift_factor) · scaling_factor.
+SD3_VAE_CONFIG = dict(
+    SD15_VAE_CONFIG,
+    latent_channels=16,
+    sample_size=1024,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    shift_factor=0.0609,
+    scaling_factor=1.5305,
+)
+TINY_SD3_VAE_CONFIG = dict(
+    TINY_VAE_CONFIG,
+    latent_channels=16,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    shift_factor=0.0609,
+    scaling_factor=1.5305,
+)
+# --model -> (pipeline class name, benchmark_palp.py architecture, VAE config, real CLIP vocabularies)
+MODELS = {
+    "sd15": ("StableDiffusionPipeline", "sd15", SD15_VAE_CONFIG, True),
+    "sdxl": ("StableDiffusionXLPipeline", "sdxl", SDXL_VAE_CONFIG, True),
+    "sd3": ("StableDiffusion3Pipeline", "sd3", SD3_VAE_CONFIG, True),
+    "tiny": ("StableDiffusionPipeline", "tiny", TINY_VAE_CONFIG, False),
+    "tiny_sdxl": ("StableDiffusionXLPipeline", "tiny_sdxl", TINY_VAE_CONFIG, False),
+    "tiny_sd3": ("StableDiffusion3Pipeline", "tiny_sd3", TINY_SD3_VAE_CONFIG, False),
+}
 
 
 def parse_args(input_args=None):
@@ -86,9 +126,10 @@ def parse_args(input_args=None):
         "--model",
         type=str,
         default="sd15",
-        choices=["sd15", "tiny"],
-        help="'sd15': Stable Diffusion 1.5's architecture with random weights; 'tiny': the test suite's tiny "
-        "layout (a smoke run of the same checks in seconds).",
+        choices=list(MODELS),
+        help="'sd15', 'sdxl', 'sd3': Stable Diffusion 1.5's, SDXL base's or SD3.5 Medium's architecture (SD3 without "
+        "T5) with random weights; 'tiny', 'tiny_sdxl', 'tiny_sd3': tiny layouts of each family (a smoke run of the "
+        "same checks in seconds).",
     )
     parser.add_argument("--resolution", type=int, default=512, help="Training and benchmark resolution in pixels.")
     parser.add_argument(
@@ -97,15 +138,28 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--benchmark", action=argparse.BooleanOptionalAction, default=True, help="Also run the benchmark's ratios."
     )
-    parser.add_argument("--work_dir", type=str, default=None, help="Where the model and runs go (default: a temp dir).")
+    parser.add_argument(
+        "--work_dir", type=str, default=None, help="Where the model and runs go (default: a temp dir)."
+    )
     parser.add_argument("--output_json", type=str, default=None, help="Also write every figure to this JSON file.")
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Print the plan (model, precisions, flags, runs, checks, benchmark command) and stop; builds nothing "
+        "and needs no GPU.",
+    )
     args = parser.parse_args(input_args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible; use --device cpu --model tiny for a smoke run.")
+    multiple = bench.resolution_multiple(MODELS[args.model][1])
+    if args.resolution <= 0 or args.resolution % multiple:
+        parser.error(
+            f"--resolution must be a positive multiple of {multiple} for --model {args.model} (the benchmark's "
+            f"{'UNet down-sampling' if multiple == 64 else 'transformer patches'}), e.g. "
+            f"{max(multiple, args.resolution // multiple * multiple)}."
+        )
     if args.max_train_steps < 2 or args.max_train_steps % 2:
         parser.error("--max_train_steps must be an even number ≥ 2 (the resume starts half-way).")
-    if args.resolution % 8:
-        parser.error("--resolution must be a multiple of 8.")
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.dry_run:
+        parser.error("--device cuda: no CUDA device is visible; use --device cpu --model tiny for a smoke run.")
     return args
 
 
@@ -116,7 +170,9 @@ def parse_args(input_args=None):
 
 def _bytes_to_unicode():
     """The byte → printable-unicode table of GPT-2/CLIP byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -154,37 +210,66 @@ def build_tokenizer(vocab_size):
 
 
 def build_model_folder(path, model):
-    """Write a random-weight Stable Diffusion pipeline in the diffusers layout to ``path``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    if model == "sd15":
-        unet_config, text_config, vae_config = bench.SD15_UNET_CONFIG, dict(bench.SD15_TEXT_CONFIG), SD15_VAE_CONFIG
-        tokenizer = build_tokenizer(text_config["vocab_size"])
-    else:
-        unet_config, text_config, vae_config = bench.TINY_UNET_CONFIG, dict(bench.TINY_TEXT_CONFIG), TINY_VAE_CONFIG
-        tokenizer = build_tokenizer(len(_bytes_to_unicode()) * 2 + 64)
-        text_config["vocab_size"] = len(tokenizer)
-    text_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    text_config["pad_token_id"] = tokenizer.eos_token_id
-    pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**unet_config),
-        vae=AutoencoderKL(**vae_config),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
-        tokenizer=tokenizer,
-        scheduler=DDPMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            clip_sample=False,
-            steps_offset=1,
-        ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    """Write a random-weight pipeline of ``model``'s family in the diffusers layout to ``path``."""
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
     )
+    from transformers import CLIPTextConfig
+
+    pipeline_name, architecture, vae_config, real_vocabulary = MODELS[model]
+    family, denoiser_config, text_configs, scheduler_config = bench.ARCHITECTURES[architecture]
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(
+        text_configs[0]["vocab_size"] if real_vocabulary else len(_bytes_to_unicode()) * 2 + 64
+    )
+    text_encoders = []
+    for encoder_class, config in zip(family.encoder_classes, text_configs):
+        config = dict(config, vocab_size=len(tokenizer), pad_token_id=tokenizer.eos_token_id)
+        config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        text_encoders.append(encoder_class(CLIPTextConfig(**config)))
+    denoiser = family.denoiser_class(**denoiser_config)
+    vae = AutoencoderKL(**vae_config)
+    ddpm = dict(scheduler_config, clip_sample=False, steps_offset=1)
+    if pipeline_name == "StableDiffusionPipeline":
+        pipe = StableDiffusionPipeline(
+            unet=denoiser,
+            vae=vae,
+            text_encoder=text_encoders[0],
+            tokenizer=tokenizer,
+            scheduler=DDPMScheduler(**ddpm),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    elif pipeline_name == "StableDiffusionXLPipeline":
+        pipe = StableDiffusionXLPipeline(
+            unet=denoiser,
+            vae=vae,
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=tokenizer,
+            tokenizer_2=build_tokenizer(len(tokenizer)),
+            # SDXL base's sampler on the same ᾱ schedule (train_palp.py reads it as its DDPM training schedule).
+            scheduler=EulerDiscreteScheduler(**dict(scheduler_config, steps_offset=1)),
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusion3Pipeline(
+            transformer=denoiser,
+            vae=vae,
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=tokenizer,
+            tokenizer_2=build_tokenizer(len(tokenizer)),
+            text_encoder_3=None,
+            tokenizer_3=None,
+            scheduler=family.scheduler_class(**scheduler_config),
+        )
     pipe.save_pretrained(path)
     return path
 
@@ -277,7 +362,7 @@ def check_run(run, losses, out, weight_dtype, validation_step):
     lora = [p for n, p in run.base_unet.named_parameters() if "lora_" in n]
     frozen = [p for n, p in run.base_unet.named_parameters() if "lora_" not in n]
     assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora), "LoRA is not fp32"
-    assert run.embedding.rows.dtype == torch.float32, "the token row is not fp32"
+    assert all(rows.dtype == torch.float32 for rows in run.conditioner.trainable_rows), "the token row is not fp32"
     assert all(p.dtype == weight_dtype and not p.requires_grad for p in frozen), "frozen weights in the wrong dtype"
     if validation_step is not None:
         assert (out / "samples" / f"step-{validation_step}_0.png").is_file(), "no mid-run validation image"
@@ -292,15 +377,12 @@ def check_validation_images(images, expected):
         assert image.amax() > image.amin(), f"validation image {index} is constant ({image.amin().item()})"
 
 
-def check_outputs_load(model_dir, out, device, resolution):
-    """The outputs in a fresh pipeline, as a user loads them; one sampled image must be finite."""
-    from diffusers import StableDiffusionPipeline
-
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype).to(device)
-    pipe.load_lora_weights(out)
-    pipe.load_textual_inversion(out / tp.EMBEDDINGS_NAME)
-    pipe.set_progress_bar_config(disable=True)
+def check_outputs_load(model_dir, out, device, resolution, dtype):
+    """The outputs in a fresh pipeline of the family, loaded as sample_palp.py loads them (the LoRA, then the token
+    by ``load_textual_inversion`` or SD3's model-card lines); one sampled image must be finite."""
+    pipe = sample_palp.load_pipeline(
+        str(model_dir), out / tp.LORA_NAME, [out / tp.EMBEDDINGS_NAME], device, dtype, safety_checker=False
+    )
     image = pipe(
         TARGET_PROMPT,
         num_inference_steps=4,
@@ -323,15 +405,60 @@ def max_difference(a_dir, b_dir):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def precisions(device):
+def precisions(device, bf16_supported=None):
     if device == "cpu":
         return ["no", "bf16"]
-    return ["fp16", "bf16"] if torch.cuda.is_bf16_supported() else ["fp16"]
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return ["fp16", "bf16"] if bf16_supported else ["fp16"]
+
+
+def benchmark_flags(args):
+    """benchmark_palp.py's command line for the ratios at this resolution: fp16 on CUDA (bf16 for SD3, the precision
+    its README trains in), fp32 on the CPU."""
+    architecture = MODELS[args.model][1]
+    precision = "no" if args.device == "cpu" else ("bf16" if MODELS[args.model][0].endswith("3Pipeline") else "fp16")
+    return ["--model", architecture, "--device", args.device, "--mixed_precision", precision, "--resolution",
+            str(args.resolution), "--variants", "core", "--repeats", "3"]  # fmt: skip
+
+
+def plan(args, bf16_supported=None):
+    """What a run of this script does, as printable lines: ``--dry_run`` prints them and stops."""
+    pipeline_name, architecture, _, _ = MODELS[args.model]
+    family = bench.ARCHITECTURES[architecture][0]
+    if args.device == "cuda" and bf16_supported is None and not torch.cuda.is_available():
+        bf16_supported = True  # planned on a machine without the GPU: bf16 runs where the GPU supports it
+    runs = precisions(args.device, bf16_supported)
+    half = args.max_train_steps // 2
+    lines = [
+        f"model: {args.model} ({pipeline_name}, {family.denoiser_class.__name__} + {len(family.encoder_classes)} "
+        f"CLIP encoder(s){', no T5' if family is tp.SD3TextConditioner else ''}), random weights, nothing downloaded",
+        f"device: {args.device}; resolution {args.resolution} px; {args.max_train_steps} steps per run",
+        f"flags (those whose packages are installed here): {' '.join(optional_flags(args.device))}",
+        f"noise process: {'rectified flow' if family is tp.SD3TextConditioner else 'DDPM'}; LoRA on "
+        f"{', '.join(family.lora_target_modules)}",
+    ]
+    for index, precision in enumerate(runs):
+        lines.append(
+            f"run {precision}: train with a validation and a checkpoint at step {half}; check losses finite, "
+            "LoRA and token rows fp32, validation images finite and not constant, outputs load and sample"
+        )
+        if index == 0:
+            lines.append(
+                f"run {precision}-resumed: resume from checkpoint-{half}; must end with the uninterrupted run's LoRA"
+            )
+    if args.benchmark:
+        lines.append("benchmark: python examples/benchmark_palp.py " + " ".join(benchmark_flags(args)))
+    return lines
 
 
 def main(args):
     import os
 
+    if args.dry_run:
+        for line in plan(args):
+            print(line, flush=True)
+        return {"plan": plan(args)}
     if args.device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "1"  # train on the CPU even where a GPU is visible
     started = time.time()
@@ -367,7 +494,7 @@ def main(args):
             peak = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
         del run
-        check_outputs_load(model_dir, out, args.device, args.resolution)
+        check_outputs_load(model_dir, out, args.device, args.resolution, weight_dtype)
         figures = {"seconds": round(seconds, 1), "first_loss": losses[0], "last_loss": losses[-1]}
         if args.device == "cuda":
             figures["peak_gib"] = round(peak, 2)
@@ -379,7 +506,7 @@ def main(args):
             check_validation_images(decoded, expected=1)
             assert run.global_step == args.max_train_steps and len(resumed_losses) == args.max_train_steps - half
             del run
-            check_outputs_load(model_dir, resumed, args.device, args.resolution)
+            check_outputs_load(model_dir, resumed, args.device, args.resolution, weight_dtype)
             difference = max_difference(out, resumed)
             # Bit-exact on the CPU; on CUDA, nondeterministic attention kernels may move each Adam step by up to a
             # few learning rates.
@@ -402,10 +529,9 @@ def main(args):
 
 
 def benchmark_ratios(args):
-    """benchmark_palp.py's floor and memory ratios at this resolution (fp16 on CUDA, fp32 on the CPU)."""
-    precision = "fp16" if args.device == "cuda" else "no"
-    flags = ["--model", args.model, "--device", args.device, "--mixed_precision", precision, "--resolution",
-             str(args.resolution), "--variants", "core", "--repeats", "3"]  # fmt: skip
+    """benchmark_palp.py's floor and memory ratios at this resolution (see :func:`benchmark_flags`)."""
+    flags = benchmark_flags(args)
+    precision = flags[flags.index("--mixed_precision") + 1]
     reset_accelerate_state()
     result = bench.main(bench.parse_args(flags))["settings"][0]
     ratios = result["ratios"]

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Sample a trained PALP model: base Stable Diffusion + the LoRA + the learned token embedding(s).
+"""Sample a trained PALP model: base model (Stable Diffusion 1.x/2.x, XL or 3/3.5) + the LoRA + the learned token
+embedding(s).
 
     python examples/sample_palp.py \\
         --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \\
@@ -9,8 +10,10 @@
 
 ``--trained_dir`` is the ``--output_dir`` of train_palp.py: its ``pytorch_lora_weights.safetensors`` is loaded
 with ``pipe.load_lora_weights`` and every ``learned_embeds*.safetensors`` in it (one file per placeholder token)
-with ``pipe.load_textual_inversion``; ``--embedding`` adds more files. Without ``--pretrained_model_name_or_path``
-or ``--prompts``, the base model and the target prompt recorded in its ``training_config.json`` are used.
+with ``pipe.load_textual_inversion`` (SD 3/3.5, whose pipeline has none: the token is added to both CLIP tokenizers
+and its rows set, as the model card's lines do); ``--embedding`` adds more files. Without
+``--pretrained_model_name_or_path`` or ``--prompts``, the base model and the target prompt recorded in its
+``training_config.json`` are used. The base model's ``model_index.json`` says its family: SD 1.x/2.x, SDXL or SD3.
 
 Writes one PNG per (prompt, seed), named ``prompt{i:02d}_seed{seed}.png`` (``i`` = position of the prompt in
 the list), ``grid.png`` (rows = prompts, columns = seeds) and ``sampling_config.json`` (prompts and settings).
@@ -42,8 +45,8 @@ def parse_args(input_args=None):
         type=str,
         default=None,
         help=(
-            "Base Stable Diffusion model (Hub id or local folder) the PALP model was trained on. Default: the one "
-            "recorded in --trained_dir/training_config.json."
+            "Base model (Hub id or local folder: SD 1.x/2.x, SDXL or SD 3/3.5) the PALP model was trained on. "
+            "Default: the one recorded in --trained_dir/training_config.json."
         ),
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
@@ -91,7 +94,10 @@ def parse_args(input_args=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="Seeds, one grid column each.")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps.")
     parser.add_argument(
-        "--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale (the SD default)."
+        "--guidance_scale",
+        type=float,
+        default=7.5,
+        help="Classifier-free guidance scale (SD 1.x's default; SDXL's pipeline defaults to 5.0, SD3's to 7.0).",
     )
     parser.add_argument(
         "--negative_prompt", type=str, default=None, help="Negative prompt, used for every prompt (none by default)."
@@ -100,13 +106,14 @@ def parse_args(input_args=None):
         "--lora_scale",
         type=float,
         default=1.0,
-        help="Weight of the LoRA update: 0 gives the base UNet (the learned tokens still apply), 1 the trained model.",
+        help="Weight of the LoRA update: 0 gives the base UNet / transformer (the learned tokens still apply), 1 the "
+        "trained model.",
     )
     parser.add_argument(
         "--resolution",
         type=int,
         default=None,
-        help="Height and width of the images; default: the base model's (512 for SD 1.x, 1024 for SDXL).",
+        help="Height and width of the images; default: the base model's (512 for SD 1.x, 1024 for SDXL and SD3).",
     )
     parser.add_argument(
         "--batch_size",
@@ -180,21 +187,54 @@ def read_embedding_token(path):
     return keys[0]
 
 
+def add_token_to_sd3_pipeline(pipe, token, state):
+    """The SD3 model card's lines (``SD3TextConditioner.load_code`` of train_palp.py): [V] goes into both CLIP
+    tokenizers and encoders and its rows are set; T5 reads it as plain text, as in training."""
+    for key, encoder, tokenizer in [("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                    ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)]:  # fmt: skip
+        tokenizer.add_tokens(token)
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        row = tokenizer.convert_tokens_to_ids(token)
+        encoder.get_input_embeddings().weight.data[row] = state[key][0].to(encoder.device, encoder.dtype)
+
+
 def load_embedding(pipe, path):
-    """``pipe.load_textual_inversion`` once (SD 1.x/2.x), or once per text encoder for an SDXL file."""
+    """``pipe.load_textual_inversion`` once (SD 1.x/2.x), or once per text encoder for an SDXL file; an SD3 pipeline
+    (no ``load_textual_inversion``) gets the token by :func:`add_token_to_sd3_pipeline`."""
     from safetensors.torch import load_file
 
     token = read_embedding_token(path)
     state = load_file(str(path))
     if set(state) != set(SDXL_EMBEDDING_KEYS):
+        if is_sd3(pipe):
+            raise ValueError(
+                f"Embedding file {path} holds one row ({list(state)}); an SD3 model needs the "
+                f"{list(SDXL_EMBEDDING_KEYS)} file that train_palp.py writes for it."
+            )
         pipe.load_textual_inversion(str(path))
         return
     if getattr(pipe, "text_encoder_2", None) is None:
-        raise ValueError(f"Embedding file {path} is an SDXL embedding; use it with an SDXL base model.")
+        raise ValueError(
+            f"Embedding file {path} has one row per text encoder {list(SDXL_EMBEDDING_KEYS)}; use it with the SDXL "
+            "or SD3 base model it was trained on."
+        )
+    if is_sd3(pipe):
+        add_token_to_sd3_pipeline(pipe, token, state)
+        return
     pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
     pipe.load_textual_inversion(
         state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
     )
+
+
+def is_sd3(pipe):
+    return hasattr(pipe, "transformer") and hasattr(pipe, "text_encoder_3")
+
+
+def lora_scale_kwargs(pipe, scale):
+    """The call argument that scales every LoRA update for one call (PEFT backend): the UNet pipelines read
+    ``cross_attention_kwargs``, SD3's ``joint_attention_kwargs``."""
+    return {"joint_attention_kwargs" if is_sd3(pipe) else "cross_attention_kwargs": {"scale": scale}}
 
 
 def fill_from_training_config(args):
@@ -278,14 +318,25 @@ def load_pipeline(
     variant=None,
     safety_checker=True,
 ):
-    """Base model (Stable Diffusion 1.x/2.x or SDXL, as its model_index.json says) + the PALP LoRA (adapter "palp")
-    + every learned token. ``safety_checker=False`` drops the checker of SD 1.x/2.x (evaluation does: a blacked-out
-    image would be scored as if the model had drawn it); SDXL pipelines have none."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """Base model (Stable Diffusion 1.x/2.x, SDXL or SD 3/3.5, as its model_index.json says) + the PALP LoRA (adapter
+    "palp") + every learned token. ``safety_checker=False`` drops the checker of SD 1.x/2.x (evaluation does: a
+    blacked-out image would be scored as if the model had drawn it); SDXL and SD3 pipelines have none. An SD3 folder
+    saved without T5 (``"text_encoder_3": [null, null]``) is loaded without it, as it was trained."""
+    from diffusers import (
+        DiffusionPipeline,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     config = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision)
-    if config.get("_class_name") == "StableDiffusionXLPipeline":
+    class_name = config.get("_class_name")
+    if class_name == "StableDiffusionXLPipeline":
         pipeline_class, extra = StableDiffusionXLPipeline, {}
+    elif class_name == "StableDiffusion3Pipeline":
+        pipeline_class, extra = StableDiffusion3Pipeline, {}
+        if (config.get("text_encoder_3") or [None])[-1] is None:
+            extra = {"text_encoder_3": None, "tokenizer_3": None}
     else:
         pipeline_class = StableDiffusionPipeline
         extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
@@ -317,8 +368,8 @@ def generate(pipe, prompts, seeds, args):
                 height=args.resolution,
                 width=args.resolution,
                 generator=generators,
-                # With the PEFT backend the UNet multiplies every LoRA update by this for the call only.
-                cross_attention_kwargs={"scale": args.lora_scale},
+                # With the PEFT backend the denoiser multiplies every LoRA update by this for the call only.
+                **lora_scale_kwargs(pipe, args.lora_scale),
             ).images
         logger.info(f"Prompt {i + 1}/{len(prompts)} done: {prompt!r}")
         rows.append(row)

@@ -5,6 +5,7 @@ and merges are generated on the spot, so prompts tokenize exactly as they would 
 vocabulary become one token, anything else falls back to bytes).
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -347,25 +348,40 @@ def load_example(name):
 
 
 def write_fake_training_output(base_path, out, token="<palp-cat>", seed=0):
-    """What train_palp.py leaves in its --output_dir, made by hand: a diffusers-format UNet LoRA with a visible effect
-    and one token embedding. Returns the embedding row."""
-    from diffusers import StableDiffusionPipeline
+    """What train_palp.py leaves in its --output_dir, made by hand: a diffusers-format LoRA with a visible effect and
+    one token embedding. On SD 1.x the LoRA is the UNet's and the file ``{token: [1, 32]}``; on an SD3 base (its
+    model_index.json says so) the LoRA is on the transformer's joint attention and the file ``{"clip_l", "clip_g"}``.
+    Returns the embedding row (SD 1.x) or the embedding dict (SD3)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    unet = StableDiffusionPipeline.from_pretrained(base_path).unet
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    out = Path(out)
+    sd3 = json.loads((Path(base_path) / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    if sd3:
+        pipe = StableDiffusion3Pipeline.from_pretrained(base_path, text_encoder_3=None, tokenizer_3=None)
+        denoiser, targets = pipe.transformer, ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj"]
+    else:
+        denoiser, targets = (
+            StableDiffusionPipeline.from_pretrained(base_path).unet,
+            ["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
     with torch.no_grad():
         # LoRA B starts at zero (a no-op); make it large enough to change the images visibly.
-        for name, param in unet.named_parameters():
+        for name, param in denoiser.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.5)
-    out = Path(out)
-    StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    )
+    layers = get_peft_model_state_dict(denoiser)
+    if sd3:  # a transformer's LoRA in PEFT naming, a UNet's in diffusers naming, as train_palp.save_lora writes them
+        StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=layers)
+        widths = (pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size)
+        state = {key: torch.randn(1, width) for key, width in zip(("clip_l", "clip_g"), widths)}
+        save_file(state, out / "learned_embeds.safetensors", metadata={"placeholder_token": token})
+        return state
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(layers))
     row = torch.randn(32)
     save_file({token: row[None]}, out / "learned_embeds.safetensors")
     return row

@@ -95,7 +95,7 @@ def test_scaling_table_has_one_line_per_setting(capsys):
     assert large > small
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl"])
+@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl", "tiny_sd3"])
 @pytest.mark.parametrize("mode", ["dds", "none"])
 def test_benchmark_step_is_training_step(mode, model):
     """The timed step computes what train_palp.training_step computes: same losses, same updated LoRA."""
@@ -113,7 +113,7 @@ def test_benchmark_step_is_training_step(mode, model):
         torch.testing.assert_close(after_script[name], after_bench[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl"])
+@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl", "tiny_sd3"])
 def test_before_variants_compute_the_same_losses(model):
     """A 'before' differs from the script in cost only: same L_pers and L_align (up to float rounding)."""
     run, models = tiny_run(with_frozen_copy=True, model=model)
@@ -125,7 +125,7 @@ def test_before_variants_compute_the_same_losses(model):
         (run, bench.StepOptions(losses=bench.palp_losses_with(pretrained_unet=models.frozen_copy))),
         (
             run,
-            bench.StepOptions(hoisted={"process": tp.ddpm_process(run.noise_scheduler), "t_bounds": (20, 980)}),
+            bench.StepOptions(hoisted={"process": run.noise_process, "t_bounds": (20, 980)}),
         ),
         (beta1, bench.StepOptions(losses=bench.palp_losses_with(bench.guided_epsilon_no_skip))),
     ]
@@ -148,9 +148,10 @@ def no_update(losses):
     return detached
 
 
-def test_passes_alone_match_the_steps_direction():
+@pytest.mark.parametrize("model, channels", [("tiny", 4), ("tiny_sd3", 16)])
+def test_passes_alone_match_the_steps_direction(model, channels):
     """The 'passes alone' variant makes the calls palp_losses makes: same D for the same x_t2."""
-    run, _ = tiny_run()
+    run, _ = tiny_run(model=model)
     inputs = bench.passes_inputs(run, [0])[0]
     x_t2, t2, process, cond_personal = inputs
     direction = bench.alignment_passes(run, inputs, run.alignment.guidance_scale_personalized)
@@ -159,7 +160,7 @@ def test_passes_alone_match_the_steps_direction():
             g_pre = tp.guided_epsilon(run.base_unet, x_t2, t2, run.cond_clean.expand(2), run.uncond, 15.0, process)
         g_per = tp.guided_epsilon(run.base_unet, x_t2, t2, cond_personal, run.uncond, 7.5, process)
     torch.testing.assert_close(direction, g_pre - g_per)
-    assert direction.shape == (2, 4, 8, 8)
+    assert direction.shape == (2, channels, 8, 8)
 
 
 def test_cpu_memory_probe_sees_an_allocation():
@@ -199,13 +200,14 @@ def test_alternating_rounds_reverse_every_other_timed_round():
     assert {name: len(values) for name, values in times.items()} == {"ti_db": 2, "palp": 2}
 
 
-def test_memory_options_measure_quantized_base_and_8bit_adam_in_one_run(capsys):
+@pytest.mark.parametrize("model", ["tiny", "tiny_sd3"])
+def test_memory_options_measure_quantized_base_and_8bit_adam_in_one_run(model, capsys):
     """--base_quantization and --use_8bit_adam: every combination measured in one run, as ratios of the
-    full-precision base with AdamW; the quantized UNet's resident bytes count bitsandbytes' scales too."""
+    full-precision base with AdamW; the quantized denoiser's resident bytes count bitsandbytes' scales too."""
     import bitsandbytes as bnb
 
     args = bench.parse_args(
-        ["--model", "tiny", "--rank", "4", "--resolution", "64", "--warmup", "0", "--repeats", "1"]
+        ["--model", model, "--rank", "4", "--resolution", "64", "--warmup", "0", "--repeats", "1"]
         + ["--variants", "ti_db", "palp", "--use_8bit_adam", "both", "--base_quantization", "none", "nf4"]
     )
     report = bench.main(args)
@@ -219,7 +221,74 @@ def test_memory_options_measure_quantized_base_and_8bit_adam_in_one_run(capsys):
     split = report["settings"][0]["unet_parameters"]
     assert 0 < split["quantized_weights"] < split["total"]
 
-    models = bench.build_models("tiny", 4, torch.device("cpu"), torch.float32, 0, False, base_quantization="nf4")
+    models = bench.build_models(model, 4, torch.device("cpu"), torch.float32, 0, False, base_quantization="nf4")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in models.unet.modules())
     scales = bench.quantization_state_tensors(models.unet)
     assert scales and bench.tensor_bytes(scales) > 0
+
+
+def test_sd3_layout_is_trained_as_train_palp_trains_sd3():
+    """--model tiny_sd3 / sd3: the MMDiT with SD3.5's dual attention and RMS q/k norm, 16 latent channels, rectified
+    flow with preconditioned outputs, LoRA on both streams' attention, T5's part of the sequence as zeros."""
+    from diffusers import SD3Transformer2DModel
+
+    run, models = tiny_run(model="tiny_sd3")
+    assert isinstance(run.base_unet, SD3Transformer2DModel)
+    assert run.base_unet.config.in_channels == 16 and run.base_unet.config.qk_norm == "rms_norm"
+    assert run.base_unet.transformer_blocks[0].attn2 is not None and run.base_unet.transformer_blocks[1].attn2 is None
+    process = run.noise_process
+    assert isinstance(process, tp.RectifiedFlowProcess) and process.precondition_outputs
+    lora = {name for name, p in run.base_unet.named_parameters() if p.requires_grad}
+    assert any(".attn.add_q_proj.lora_A" in name for name in lora) and any(
+        ".attn.to_q.lora_A" in name for name in lora
+    )
+    cond = run.conditioner.encode(models.prompt_ids["personal"])
+    assert cond.hidden.shape == (1, 77 + 256, 64) and cond.pooled.shape == (1, 16 + 32)
+    assert cond.hidden[:, 77:].abs().sum() == 0 and cond.hidden[:, :77, 48:].abs().sum() == 0
+
+
+def test_sd35_medium_config_builds_the_published_size():
+    """The real-size config, built on the meta device (no memory): 2.24 B parameters + the 384² × 1536 positional
+    table = 2.47 B, the 2.5 B published for SD3.5 Medium; pooled width = CLIP-L + CLIP-G projections."""
+    from diffusers import SD3Transformer2DModel
+
+    config = bench.SD35_MEDIUM_TRANSFORMER_CONFIG
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**config)
+    parameters = sum(p.numel() for p in model.parameters())
+    table = sum(b.numel() for b in model.buffers())
+    assert 2.4e9 < parameters + table < 2.6e9
+    _, _, (clip_l, clip_g), _ = bench.ARCHITECTURES["sd3"]
+    assert config["pooled_projection_dim"] == clip_l["projection_dim"] + clip_g["projection_dim"]
+    assert config["caption_projection_dim"] == config["num_attention_heads"] * config["attention_head_dim"]
+    assert sum(isinstance(block.attn2, torch.nn.Module) for block in model.transformer_blocks) == 13
+
+
+def test_sd3_benchmark_reports_the_ratios(capsys):
+    report = bench.main(
+        bench.parse_args(
+            [
+                "--model",
+                "tiny_sd3",
+                "--resolution",
+                "48",
+                "--rank",
+                "4",
+                "--warmup",
+                "0",
+                "--repeats",
+                "1",
+                "--variants",
+                "core",
+            ]
+        )  # fmt: skip
+    )
+    (setting,) = report["settings"]
+    assert setting["resolution"] == 48 and setting["latent_size"] == 6
+    for ratio in ("floor_ratio", "floor_ratio_beta1", "memory_ratio"):
+        assert setting["ratios"][ratio] > 0, ratio
+    assert "floor ratio" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--model", "tiny_sd3", "--resolution", "40"])  # not a multiple of 16
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--model", "tiny", "--resolution", "48"])  # a UNet needs a multiple of 64

@@ -372,3 +372,47 @@ def test_defaults_from_training_config(trained_dir, instance_dir, tmp_path):
     (run_dir / "training_config.json").unlink()
     with pytest.raises(ValueError, match="--clean_prompt"):
         evaluate_palp.check_inputs(evaluate_palp.parse_args(["--trained_dir", str(run_dir)]))
+
+
+@pytest.mark.parametrize("base", ["tiny_sd3_path", "tiny_sd3_no_t5_path"], ids=["with-t5", "text_encoder_3=None"])
+def test_sd3_run_is_generated_as_sample_palp_samples_it_and_scored(
+    base, request, tiny_clip_path, instance_dir, tmp_path
+):
+    """An SD3 output (LoRA on the transformer, {"clip_l", "clip_g"} token file) is evaluated on the images
+    sample_palp.py gives for the same settings, the LoRA scale reaching the transformer; the scores are the direct
+    CLIP cosines."""
+    sample_palp = load_example("sample_palp")
+    base_path = request.getfixturevalue(base)
+    trained = tmp_path / "trained"
+    write_fake_training_output(base_path, trained)
+    prompt = f"a photo of {TOKEN}"
+    common = ["--pretrained_model_name_or_path", base_path, "--trained_dir", str(trained), "--num_inference_steps",
+              "2", "--resolution", "32", "--device", "cpu", "--guidance_scale", "3"]  # fmt: skip
+    evaluation = ["--target_prompt", prompt, "--clean_prompt", "a photo of a cat", "--instance_data_dir", instance_dir,
+                  "--clip_model_name_or_path", tiny_clip_path, "--num_images", "2", "--seed", "3"]  # fmt: skip
+    results = evaluate_palp.main(evaluate_palp.parse_args(common + evaluation + ["--output_dir", str(tmp_path / "e")]))
+    sample_palp.main(
+        sample_palp.parse_args(
+            common + ["--prompts", prompt, "--seeds", "3", "4", "--output_dir", str(tmp_path / "s")]
+        )
+    )
+    generated = load_images([tmp_path / "e" / "images" / f"seed{seed}.png" for seed in (3, 4)])
+    for seed, image in zip((3, 4), generated):
+        assert image.size == (32, 32)
+        np.testing.assert_array_equal(
+            np.asarray(image), np.asarray(Image.open(tmp_path / "s" / f"prompt00_seed{seed}.png"))
+        )
+    assert results["learned_tokens"] == [TOKEN]
+    instances = load_images(sorted(Path(instance_dir).glob("*.png")))
+    text_cos, image_cos = direct_clip_cosines(tiny_clip_path, generated, ["a photo of a cat"], instances)
+    assert results["metrics"]["clip_t"] == pytest.approx(text_cos[:, 0].mean().item(), abs=1e-5)
+    assert results["metrics"]["clip_i"] == pytest.approx(image_cos.mean().item(), abs=1e-5)
+
+    # --lora_scale reaches the transformer: scale 0 gives other images than scale 1.
+    scale0 = evaluate_palp.main(
+        evaluate_palp.parse_args(common + evaluation + ["--lora_scale", "0", "--output_dir", str(tmp_path / "e0")])
+    )
+    assert scale0["metrics"]["clip_i"] != results["metrics"]["clip_i"]
+    assert not np.array_equal(
+        np.asarray(Image.open(tmp_path / "e0" / "images" / "seed3.png")), np.asarray(generated[0])
+    )

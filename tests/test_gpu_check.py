@@ -27,7 +27,9 @@ def test_cpu_smoke_run_trains_resumes_loads_and_benchmarks(gpu_check, tmp_path):
         assert all(0 < value < 10 for value in figures["first_loss"][:2])
     for name, sample in (("run-no", "step-1_0"), ("run-no-resumed", "final_0"), ("run-bf16", "step-1_0")):
         folder = tmp_path / "work" / name
-        assert (folder / "pytorch_lora_weights.safetensors").is_file() and (folder / "samples" / f"{sample}.png").is_file()
+        assert (folder / "pytorch_lora_weights.safetensors").is_file() and (
+            folder / "samples" / f"{sample}.png"
+        ).is_file()
     bench = report["benchmark"]
     assert bench["floor_ratio"] > 0 and bench["memory_ratio"] > 0 and bench["palp_over_ti_db_time"] > 1
 
@@ -76,3 +78,84 @@ def test_cuda_is_required_unless_asked_for_the_cpu(gpu_check, monkeypatch):
         gpu_check.parse_args([])
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--device", "cpu", "--max_train_steps", "3"])
+
+
+def test_tiny_sd3_smoke_run_trains_resumes_loads_and_benchmarks(gpu_check, tmp_path):
+    """The SD3 path of the check on the CPU: a random SD3 pipeline without T5 (16-channel VAE with shift_factor,
+    shifted flow scheduler) trains in fp32 and bf16, resumes bit-exactly, loads as sample_palp.py loads it and
+    benchmarks on the flow process."""
+    args = gpu_check.parse_args(["--device", "cpu", "--model", "tiny_sd3", "--resolution", "32", "--max_train_steps",
+                                 "2", "--work_dir", str(tmp_path / "work")])  # fmt: skip
+    report = gpu_check.main(args)
+    assert report["runs"].keys() == {"no", "bf16"} and report["runs"]["no"]["resume_max_difference"] == 0.0
+    model = tmp_path / "work" / "model"
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and index["text_encoder_3"] == [None, None]
+    assert json.loads((model / "scheduler" / "scheduler_config.json").read_text())["shift"] == 3.0
+    vae = json.loads((model / "vae" / "config.json").read_text())
+    assert vae["latent_channels"] == 16 and vae["shift_factor"] == 0.0609
+    training = json.loads((tmp_path / "work" / "run-no" / "training_config.json").read_text())
+    assert training["pipeline_class"] == "StableDiffusion3Pipeline"
+    assert report["benchmark"]["mixed_precision"] == "no" and report["benchmark"]["floor_ratio"] > 0
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("sd15", ["StableDiffusionPipeline", "UNet2DConditionModel + 1 CLIP", "noise process: DDPM"]),
+        ("sdxl", ["StableDiffusionXLPipeline", "UNet2DConditionModel + 2 CLIP", "noise process: DDPM"]),
+        (
+            "sd3",
+            [
+                "StableDiffusion3Pipeline",
+                "SD3Transformer2DModel + 2 CLIP encoder(s), no T5",
+                "rectified flow",
+                "attn.add_q_proj",
+                "--model sd3 --device cuda --mixed_precision bf16 --resolution 512",
+            ],
+        ),  # fmt: skip
+    ],
+)
+def test_dry_run_prints_the_plan_without_a_gpu_and_builds_nothing(
+    gpu_check, model, expected, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = gpu_check.parse_args(["--model", model, "--dry_run", "--work_dir", str(tmp_path / "work")])
+    report = gpu_check.main(args)
+    printed = capsys.readouterr().out
+    for text in expected:
+        assert text in printed, text
+    # fp16 and the resume, then bf16 (planned where the GPU supports it), then the benchmark.
+    runs = [line.split(":")[0] for line in report["plan"] if line.startswith("run ")]
+    assert runs == ["run fp16", "run fp16-resumed", "run bf16"]
+    assert report["plan"][-1].startswith("benchmark: python examples/benchmark_palp.py --model " + model)
+    assert not (tmp_path / "work").exists()
+    no_bench = gpu_check.main(gpu_check.parse_args(["--model", model, "--dry_run", "--no-benchmark"]))
+    assert not any(line.startswith("benchmark") for line in no_bench["plan"])
+    # On a GPU without bf16, only fp16 runs.
+    assert gpu_check.plan(args, bf16_supported=False)[-2].startswith("run fp16-resumed")
+
+
+@pytest.mark.parametrize(
+    "model, resolution, ok",
+    [("sd3", "528", True), ("sd3", "520", False), ("tiny_sd3", "32", True), ("sd15", "96", False),
+     ("sdxl", "1024", True), ("tiny_sdxl", "80", False)],
+)  # fmt: skip
+def test_resolution_fits_the_models_denoiser(gpu_check, model, resolution, ok, capsys):
+    flags = ["--model", model, "--resolution", resolution, "--dry_run"]
+    if ok:
+        assert gpu_check.parse_args(flags).resolution == int(resolution)
+        return
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(flags)
+    assert f"--resolution must be a positive multiple of {16 if 'sd3' in model else 64}" in capsys.readouterr().err
+
+
+def test_each_models_vae_feeds_its_denoiser(gpu_check):
+    import benchmark_palp as bench
+
+    for model, (pipeline, architecture, vae_config, _) in gpu_check.MODELS.items():
+        family, denoiser_config, _, _ = bench.ARCHITECTURES[architecture]
+        assert family.pipeline_class.__name__ == pipeline, model
+        assert vae_config["latent_channels"] == denoiser_config["in_channels"], model
+        assert ("shift_factor" in vae_config) == (pipeline == "StableDiffusion3Pipeline"), model

@@ -17,14 +17,15 @@ import sys
 from dataclasses import dataclass
 
 import pytest
-
 import test_alignment_mechanisms
 import test_alignment_options
 import test_palp_math
-from conftest import REPO_ROOT
+import test_sd3_math
 from test_palp_math import lora_unet  # noqa: F401  (the math tests' fixture, for the runs below)
 
-MATH_TEST_MODULES = (test_palp_math, test_alignment_options, test_alignment_mechanisms)
+from conftest import REPO_ROOT
+
+MATH_TEST_MODULES = (test_palp_math, test_alignment_options, test_alignment_mechanisms, test_sd3_math)
 END_TO_END_FIXTURES = {"instance_dir"}  # a test that trains a whole run is not a math test
 
 
@@ -189,6 +190,38 @@ MUTANTS = [
            ("test_rectified_flow_timesteps_follow_the_sd3_density",)),
     Mutant("flow σ = 1 accepted", (("        if self.sigmas[t_max] < 1:", "        if True:"),),
            ("test_rectified_flow_refuses_sigma_one",)),
+    # SD3: how the MMDiT is called and conditioned, its latents and its personalization loss.
+    Mutant("SD3 timestep passed as σ instead of σ·1000",
+           (("            timestep=t,\n            encoder_hidden_states=self.hidden,",
+             "            timestep=t / 1000,\n            encoder_hidden_states=self.hidden,"),),
+           ("test_sd3_denoise_calls_the_transformer_as_the_pipeline_does",)),
+    Mutant("SD3 pooled projections dropped",
+           (("pooled_projections=self.pooled,", "pooled_projections=torch.zeros_like(self.pooled),"),),
+           ("test_sd3_denoise_calls_the_transformer_as_the_pipeline_does",)),
+    Mutant("SD3 pooled embeddings concatenated CLIP-G first",
+           (("torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))",
+             "torch.cat([clip, t5], dim=-2), torch.cat(pooled[::-1], dim=-1))"),),
+           ("test_sd3_conditioning_and_empty_prompt_are_the_pipelines",)),
+    Mutant("SD3 CLIP last hidden state instead of the penultimate",
+           (("            hidden.append(out.hidden_states[-2])\n            pooled.append(out.text_embeds)",
+             "            hidden.append(out.hidden_states[-1])\n            pooled.append(out.text_embeds)"),),
+           ("test_sd3_conditioning_and_empty_prompt_are_the_pipelines",)),
+    Mutant("SD3 CLIP states zero-padded in front instead of behind",
+           (("clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))",
+             "clip = F.pad(clip, (t5.shape[-1] - clip.shape[-1], 0))"),),
+           ("test_sd3_conditioning_and_empty_prompt_are_the_pipelines",)),
+    Mutant("SD3 VAE shift_factor not subtracted from the latents",
+           (('latents = (sample - (getattr(self.vae.config, "shift_factor", None) or 0.0)) * self.vae.config.scaling_factor',
+             "latents = sample * self.vae.config.scaling_factor"),),
+           ("test_sd3_latents_are_shifted_then_scaled_and_decoded_back",)),
+    Mutant("SD3 VAE shift_factor not added back before decoding",
+           (("return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]",
+             "return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]"),),
+           ("test_sd3_latents_are_shifted_then_scaled_and_decoded_back",)),
+    Mutant("SD3 personalization loss not preconditioned",
+           (("RectifiedFlowProcess.from_scheduler(noise_scheduler, precondition_outputs=True)",
+             "RectifiedFlowProcess.from_scheduler(noise_scheduler, precondition_outputs=False)"),),
+           ("test_palp_losses_on_a_tiny_sd3_transformer_match_an_independent_reference",)),
 ]  # fmt: skip
 
 
@@ -276,7 +309,7 @@ def test_the_math_tests_catch_the_mutant(request, monkeypatch, index):
     for module in MATH_TEST_MODULES:
         monkeypatch.setattr(module, "tp", mutated)
     caught_by = first_failure(request, mutant)
-    assert caught_by is not None, f"no test of test_palp_math.py fails when train_palp.py has: {mutant.name}"
+    assert caught_by is not None, f"no math test fails when train_palp.py has: {mutant.name}"
 
 
 def test_the_unmutated_script_passes_the_same_runner(request):

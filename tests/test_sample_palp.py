@@ -257,3 +257,79 @@ def test_defaults_from_training_config(trained, tmp_path):
     (trained_dir / "training_config.json").unlink()
     with pytest.raises(ValueError, match="--pretrained_model_name_or_path"):
         sample_palp.check_inputs(sample_palp.parse_args(["--trained_dir", str(trained_dir)]))
+
+
+@pytest.fixture(scope="module")
+def trained_sd3(tiny_sd3_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("palp-sd3-out")
+    state = write_fake_training_output(tiny_sd3_path, out)
+    return str(out), state
+
+
+def test_sd3_loads_the_lora_and_the_token_as_the_model_card_does(tiny_sd3_path, trained_sd3):
+    """SD3's pipeline has no load_textual_inversion: the token goes into both CLIP tokenizers and encoders, with the
+    very rows and ids the model card's lines (train_palp.py's SD3TextConditioner.load_code) give."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    import train_palp as tp
+
+    trained_dir, state = trained_sd3
+    lora_path, embedding_paths = sample_palp.find_trained_weights(trained_dir, "pytorch_lora_weights.safetensors", [])
+    pipe = sample_palp.load_pipeline(tiny_sd3_path, lora_path, embedding_paths, "cpu", torch.float32)
+    assert isinstance(pipe, StableDiffusion3Pipeline) and pipe.text_encoder_3 is not None
+    assert "palp" in pipe.transformer.peft_config
+
+    card_pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path)
+    card_lines = tp.SD3TextConditioner([]).load_code("repo", [("learned_embeds.safetensors", TOKEN)]).splitlines()
+    exec("\n".join(card_lines[2:]), {"pipe": card_pipe, "state": load_file(embedding_paths[0])})
+    for key, encoder, tokenizer, card_encoder, card_tokenizer in (
+        ("clip_l", pipe.text_encoder, pipe.tokenizer, card_pipe.text_encoder, card_pipe.tokenizer),
+        ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2, card_pipe.text_encoder_2, card_pipe.tokenizer_2),
+    ):
+        token_id = tokenizer.convert_tokens_to_ids(TOKEN)
+        assert (
+            token_id == card_tokenizer.convert_tokens_to_ids(TOKEN)
+            and tokenizer(f"a photo of {TOKEN}").input_ids[4] == token_id
+        )
+        torch.testing.assert_close(encoder.get_input_embeddings().weight[token_id], state[key][0])
+        torch.testing.assert_close(encoder.get_input_embeddings().weight, card_encoder.get_input_embeddings().weight)
+    assert TOKEN not in pipe.tokenizer_3.get_vocab()  # T5 reads it as plain text, as in training
+
+
+@pytest.mark.parametrize("base", ["tiny_sd3_path", "tiny_sd3_no_t5_path"], ids=["with-t5", "text_encoder_3=None"])
+def test_sd3_samples_and_the_lora_and_the_token_change_the_image(base, request, tmp_path, tmp_path_factory):
+    base_path = request.getfixturevalue(base)
+    trained_dir = str(tmp_path_factory.mktemp("palp-sd3"))
+    write_fake_training_output(base_path, trained_dir)
+    prompt = ["--prompts", f"a photo of {TOKEN}", "--seeds", "4"]
+    rows = run(base_path, tmp_path / "trained", "--trained_dir", trained_dir, *prompt)
+    assert Image.open(tmp_path / "trained" / "prompt00_seed4.png").size == (32, 32)
+    assert pixels(tmp_path / "trained" / "grid.png").shape == (32, 32, 3)
+    trained = np.asarray(rows[0][0]).astype(int)
+    token_only = np.asarray(
+        run(base_path, tmp_path / "s0", "--trained_dir", trained_dir, "--lora_scale", "0", *prompt)[0][0]
+    ).astype(int)
+    base_image = np.asarray(run(base_path, tmp_path / "base", *prompt)[0][0]).astype(int)
+    # The LoRA changes the image (scale 1 vs 0, same token), and so does the token (the base spells it out).
+    assert np.abs(trained - token_only).max() > 10
+    assert np.abs(token_only - base_image).max() > 0
+    # Without the token in the prompt, LoRA scale 0 is the base model exactly.
+    common = ["--prompts", "a photo of cat", "--seeds", "4"]
+    np.testing.assert_array_equal(
+        np.asarray(run(base_path, tmp_path / "c0", "--trained_dir", trained_dir, "--lora_scale", "0", *common)[0][0]),
+        np.asarray(run(base_path, tmp_path / "cb", *common)[0][0]),
+    )
+
+
+def test_embedding_of_another_family_is_refused_with_the_file_named(tiny_sd_path, tiny_sd3_path, tmp_path):
+    from safetensors.torch import save_file
+
+    one_row = tmp_path / "sd1.safetensors"
+    save_file({TOKEN: torch.zeros(1, 32)}, one_row)
+    with pytest.raises(ValueError, match=r"sd1\.safetensors.*SD3 model needs"):
+        sample_palp.load_pipeline(tiny_sd3_path, None, [one_row], "cpu", torch.float32)
+    two_rows = tmp_path / "sd3.safetensors"
+    save_file({"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 16)}, two_rows)
+    with pytest.raises(ValueError, match=r"sd3\.safetensors.*SDXL or SD3 base model"):
+        sample_palp.load_pipeline(tiny_sd_path, None, [two_rows], "cpu", torch.float32)
