@@ -115,3 +115,27 @@ def test_latent_normalization_gives_zero_mean_unit_std():
     normalized = (latents - shift) * scale
     assert abs(normalized.mean().item()) < 1e-4 and abs(normalized.std().item() - 1.0) < 1e-4
     assert abs(shift - 0.3) < 0.02 and abs(scale - 0.4) < 0.01
+
+
+def test_train_palp_runs_on_the_flow_world_as_the_experiments_run_it(tmp_path):
+    """experiment.py's train_palp.py command on model_flow (no T5 tokens, as the model was trained), and the run
+    loaded back by evaluate.py: the LoRA on the transformer and the token in both CLIP encoders change the image."""
+    import evaluate
+    import experiment
+    import world
+
+    import train_palp
+
+    subject = world.SUBJECTS["checkered_star"]
+    target = f"a sketch of {subject['token']} on a blue background"
+    command = experiment.train_command(str(MODEL_FLOW), WORLD_DIR / "subjects" / "checkered_star", subject, target,
+                                       3, 3, 0, tmp_path / "run")  # fmt: skip
+    assert command[-2:] == ["--max_sequence_length", "0"]
+    assert "--max_sequence_length" not in experiment.train_command(str(WORLD_DIR / "model"), "", subject, target,
+                                                                   3, 3, 0, tmp_path / "x")  # fmt: skip
+    train_palp.cli(command)
+    pipe = evaluate.load_personalized(str(MODEL_FLOW), tmp_path / "run")
+    assert subject["token"] in pipe.tokenizer.get_vocab() and subject["token"] in pipe.tokenizer_2.get_vocab()
+    images = evaluate.sample(pipe, target, 2, 0, 5.0, 2)
+    base = evaluate.sample(probe_lib.load_pipeline(str(MODEL_FLOW)), target, 2, 0, 5.0, 2)
+    assert images.shape == base.shape == (2, 32, 32, 3) and np.abs(images.astype(int) - base.astype(int)).max() > 0

@@ -21,6 +21,7 @@ to ``--output_dir``:
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +41,17 @@ def subject_for_token(token):
 
 
 def load_personalized(model, run_dir):
-    """The base pipeline with a run's LoRA and learned embedding(s) loaded the standard diffusers way."""
+    """The base pipeline with a run's LoRA and learned embedding(s) loaded as ``examples/sample_palp.py`` loads them:
+    the standard diffusers way, and for the flow world's StableDiffusion3Pipeline (no ``load_textual_inversion``)
+    the token into both CLIP encoders by the lines of train_palp.py's model card."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sample_palp import load_embedding
+
     pipe = probe_lib.load_pipeline(model)
     run_dir = Path(run_dir)
     pipe.load_lora_weights(str(run_dir), weight_name="pytorch_lora_weights.safetensors")
     for path in sorted(run_dir.glob("learned_embeds*.safetensors")):
-        pipe.load_textual_inversion(str(path))
+        load_embedding(pipe, path)
     return pipe
 
 

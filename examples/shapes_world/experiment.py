@@ -126,7 +126,16 @@ def train_command(model, photos, subject, target, max_steps, checkpointing_steps
         "--target_prompt", target, "--personalization_prompt", "a photo of {token}", "--resolution", "32",
         "--max_train_steps", str(max_steps), "--checkpointing_steps", str(checkpointing_steps), "--seed", str(seed),
         "--num_validation_images", "0", "--report_to", "none", "--output_dir", str(out), "--overwrite_output_dir",
-    ] + WORLD_ARGS
+    ] + WORLD_ARGS + model_args(model)
+
+
+def model_args(model):
+    """train_palp.py flags a world model needs: the flow world conditions on no T5 tokens, as it was trained."""
+    if not probe_lib.is_flow_model(model):
+        return []
+    from pretrain_flow import T5_SEQUENCE_LENGTH
+
+    return ["--max_sequence_length", str(T5_SEQUENCE_LENGTH)]
 
 
 def described_clean_prompt(subject, clean):
