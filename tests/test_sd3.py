@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import train_palp as tp
 from conftest import REPO_ROOT, write_instance_images
-from test_train_palp import TARGET, TOKEN, base_args, train
+from test_train_palp import TARGET, TOKEN, base_args, generate, train
 
 
 def load_pipeline(path):
@@ -36,18 +36,6 @@ def load_into(pipe, out, token=TOKEN, file=tp.EMBEDDINGS_NAME):
     card_lines = tp.SD3TextConditioner([]).load_code("repo", [(file, token)]).splitlines()
     assert card_lines[1].startswith("state = load_file(hf_hub_download(")
     exec("\n".join(card_lines[2:]), {"pipe": pipe, "state": load_file(Path(out) / file)})
-
-
-def generate(pipe, prompt):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        prompt,
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
 
 
 @pytest.fixture(scope="module")
@@ -259,37 +247,30 @@ def test_multi_subject_script_on_sd3_writes_one_loadable_file_per_token(tiny_sd3
 
 
 # ------------------------------------------------------------------------------------------------ models PALP refuses
-def _without_clip_g(model, tmp_path):
-    folder = tmp_path / "no-clip-g"
+def _edited_copy(model, folder, config_file, **changes):
+    """A copy of ``model`` in ``folder`` whose JSON ``config_file`` has ``changes`` merged in."""
     shutil.copytree(model, folder)
+    config = json.loads((folder / config_file).read_text())
+    (folder / config_file).write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def _without_clip_g(model, tmp_path):
+    folder = _edited_copy(model, tmp_path / "no-clip-g", "model_index.json", text_encoder_2=[None, None])
     shutil.rmtree(folder / "text_encoder_2")
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": [None, None]}))
     return folder
 
 
 def _flux(model, tmp_path):
-    folder = tmp_path / "flux"
-    shutil.copytree(model, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    return folder
+    return _edited_copy(model, tmp_path / "flux", "model_index.json", _class_name="FluxPipeline")
 
 
 def _dynamic_shift(model, tmp_path):
-    folder = tmp_path / "dynamic-shift"
-    shutil.copytree(model, folder)
-    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "use_dynamic_shifting": True}))
-    return folder
+    return _edited_copy(model, tmp_path / "dynamic-shift", "scheduler/scheduler_config.json", use_dynamic_shifting=True)
 
 
 def _unknown(model, tmp_path):
-    folder = tmp_path / "unknown"
-    shutil.copytree(model, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Img2ImgPipeline"}))
-    return folder
+    return _edited_copy(model, tmp_path / "unknown", "model_index.json", _class_name="StableDiffusion3Img2ImgPipeline")
 
 
 @pytest.mark.parametrize("script", ["train_palp", "train_palp_multi_subject"])
