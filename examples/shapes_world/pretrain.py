@@ -85,6 +85,19 @@ def parse_args(input_args=None):
     return parser.parse_args(input_args)
 
 
+def optimizer_step_with_ema(loss, opt, params, ema_pairs, step, ema_decay):
+    """One optimizer step on ``loss`` (gradient norm clipped to 1), then the EMA weights move towards the trained
+    ones with a decay that warms up as min(ema_decay, (1 + step) / (10 + step))."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for ema_p, p in ema_pairs:
+            ema_p.lerp_(p, 1 - decay)
+
+
 def log(out, message):
     line = f"[{time.strftime('%H:%M:%S')}] {message}"
     print(line, flush=True)
@@ -362,14 +375,7 @@ def train_unet(out, latents, scenes, tokenizer, args):
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = text_encoder(ids)[0]
         loss = F.mse_loss(unet(xt, t, cond).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema_p, p in ema_pairs:
-                ema_p.lerp_(p, 1 - decay)
+        optimizer_step_with_ema(loss, opt, params, ema_pairs, step, args.ema_decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         step += 1
         if step % 50 == 0:

@@ -264,14 +264,7 @@ def train_transformer(out, latents, scenes, tokenizer, args):
                            pooled_projections=pooled, return_dict=False)[0]
         weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas).view(-1, 1, 1, 1)
         loss = (weighting * (pred - target) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema_p, p in ema_pairs:
-                ema_p.lerp_(p, 1 - decay)
+        pretrain.optimizer_step_with_ema(loss, opt, params, ema_pairs, step, args.ema_decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         step += 1
         if step % 50 == 0:
