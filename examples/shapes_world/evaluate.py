@@ -29,6 +29,10 @@ import probe as probe_lib
 import torch
 import world
 
+EXAMPLES = str(Path(__file__).resolve().parents[1])  # examples/: sample_palp.py loads a run as users do
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -44,7 +48,6 @@ def load_personalized(model, run_dir):
     """The base pipeline with a run's LoRA and learned embedding(s) loaded as ``examples/sample_palp.py`` loads them:
     the standard diffusers way, and for the flow world's StableDiffusion3Pipeline (no ``load_textual_inversion``)
     the token into both CLIP encoders by the lines of train_palp.py's model card."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from sample_palp import load_embedding
 
     pipe = probe_lib.load_pipeline(model)
