@@ -384,12 +384,13 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "--alignment_projection",
         type=str,
         default="none",
-        choices=["none", "residual", "identity"],
+        choices=["none", "residual", "identity", "identity_region"],
         help="'residual' (ours): per sample, remove from D its component along the personalization residual ε̂ − ε "
         "when that component would make the model reproduce its photos worse (a one-sided gradient projection, "
         "before --alignment_normalization). 'identity' (ours): remove D's component along the personalized model's "
-        "identity direction ε_per(y_P) − ε_per(y_P with the class for the token) at x̂_t2 (one more batched pass). "
-        "'none': D as it is (the paper).",
+        "identity direction u = ε_per(y_P) − ε_per(y_P with the class for the token) at x̂_t2 (one more batched "
+        "pass). 'identity_region' (ours): keep D off the latent positions where the subject is drawn, weighting it "
+        "per position by 1 − |u| / max |u| (the same pass). 'none': D as it is (the paper).",
     )
     palp.add_argument(
         "--alignment_gradient",
@@ -1228,6 +1229,25 @@ def project_off_direction(direction, axis):
     return direction - coefficient * axis
 
 
+# Copied from train_palp.identity_region_weight
+def identity_region_weight(axis):
+    """Per sample and latent position, 1 - |u(x)| / max_x |u(x)|, where |u(x)| is the RMS over channels of u at
+    position x; shape [batch, 1, *spatial]. A zero axis weighs every position 1.
+
+    With u = ε_per(x̂_t2, y_P) - ε_per(x̂_t2, ỹ_P), what the token changes in the personalized prediction against
+    the plain class, |u(x)| is largest where the subject is drawn and near zero in the context, which the token
+    does not change. D times this weight is D kept off the subject's region: the target context (background,
+    companion, lighting) is pushed at full strength, while where the subject stands PALP's pull of x̂0 towards the
+    pre-trained model's generic member of the class, ε^α_pre(y_c), fades with how much the token matters there.
+    The identity projection removes one direction of the whole latent, along which that pull hardly lies; this
+    removes the pull where it acts. Latents of every family here (UNet and SD3's transformer alike) are
+    [batch, channels, height, width], so the weight is spatial in both.
+    """
+    size = axis.float().pow(2).mean(dim=1, keepdim=True).sqrt()
+    peak = size.flatten(1).amax(dim=1).view(-1, *([1] * (size.ndim - 1)))
+    return torch.where(peak > 0, 1 - size / peak.clamp_min(torch.finfo(peak.dtype).tiny), torch.ones_like(size))
+
+
 # Copied from train_palp.alignment_timestep_weight
 def alignment_timestep_weight(process, t2, weighting):
     """w(t2): 1 ('uniform'), or the variance of x_t2's noise part ('one_minus_alpha_bar': 1 - ᾱ_t2 for DDPM, σ_t2²
@@ -1377,7 +1397,7 @@ class AlignmentConfig:
     @property
     def needs_class_prompt(self):
         """Whether the step needs ỹ_P, y_P with the class phrase in place of the token."""
-        return self.mode in ("class_delta", "class_source") or self.projection == "identity"
+        return self.mode in ("class_delta", "class_source") or self.projection in ("identity", "identity_region")
 
     @classmethod
     def from_args(cls, args):
@@ -1576,7 +1596,7 @@ def palp_losses(
     module unwrapped, whose LoRA can be switched off for the pre-trained prediction. ``cond_personal`` is y_P per sample (with gradient to [V]);
     ``cond_clean`` and ``uncond`` are fixed embeddings of y_c and ∅ with batch dimension 1. ``cond_class`` is ỹ_P
     per sample (y_P with the class phrase for the token), needed by ``class_delta``, ``class_source`` and the
-    identity projection;
+    identity projection and region;
     ``cond_teacher`` the target prompt with the learned token, batch dimension 1, needed by ``teacher``. All are
     Conditionings (or hidden-state tensors), whatever the model family. ``process`` is the noise process
     (:class:`DDPMProcess` or :class:`RectifiedFlowProcess`): it noises, reads ε̂ and x̂0 off the model's output and
@@ -1646,7 +1666,7 @@ def palp_losses(
                         process,
                     )
             direction = alignment_direction(config.mode, g_pre, g_per, noise2.float())
-        if config.projection == "identity":
+        if config.projection in ("identity", "identity_region"):
             with lora_dropout_off(base_unet):
                 eps_personal, eps_class = batched_epsilon(
                     base_unet,
@@ -1655,7 +1675,10 @@ def palp_losses(
                     [cond_personal.for_alignment(), Conditioning.of(cond_class).for_alignment()],
                     process,
                 )
-            direction = project_off_direction(direction, eps_personal - eps_class)
+            if config.projection == "identity":
+                direction = project_off_direction(direction, eps_personal - eps_class)
+            else:
+                direction = direction * identity_region_weight(eps_personal - eps_class)
         if config.projection == "residual":
             direction = project_off_residual(direction, eps_hat - noise.float())
         if config.normalization == "personalization":

@@ -1,6 +1,6 @@
 """The alignment mechanisms aimed at the part of D that erodes the subject's identity: DDS from the class phrase, the
-class-cancelling D, the identity-bearing teacher (and its inverted token), the projection off the identity direction,
-where the alignment gradient lands, and the calibrated normalisation."""
+class-cancelling D, the identity-bearing teacher (and its inverted token), the projection off the identity direction
+and D kept off the subject's region, where the alignment gradient lands, and the calibrated normalisation."""
 
 import re
 
@@ -178,6 +178,44 @@ def test_identity_projected_loss_matches_a_direct_computation(lora_unet):  # noq
     torch.testing.assert_close(loss_align.detach(), expected, atol=1e-5, rtol=1e-4)
 
 
+def test_identity_region_weight_fades_where_the_token_changes_the_prediction():
+    axis = torch.zeros(2, 4, 2, 3)
+    axis[0, :, 0, 0] = 2.0  # the subject's position: RMS over channels 2
+    axis[0, :2, 1, 2] = 1.0  # half the channels at another: RMS √0.5
+    weight = tp.identity_region_weight(axis)
+    assert weight.shape == (2, 1, 2, 3)
+    expected = torch.ones(2, 3)
+    expected[0, 0], expected[1, 2] = 0.0, 1 - 0.5**0.5 / 2
+    torch.testing.assert_close(weight[0, 0], expected)
+    # A zero axis (the token changes nothing yet) keeps D everywhere; the weight is per sample, not per batch.
+    assert torch.equal(weight[1], torch.ones(1, 2, 3))
+    torch.testing.assert_close(tp.identity_region_weight(10 * axis), weight)
+
+
+def test_identity_region_loss_matches_a_direct_computation(lora_unet):  # noqa: F811
+    latents, noise, cond, cond_clean, uncond = _inputs(seed=5)
+    cond_class = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(12))
+    t1, t2 = torch.tensor([400, 700]), torch.tensor([350, 600])
+    config = tp.AlignmentConfig(projection="identity_region")
+    _, loss_align = _losses(lora_unet, config, latents, noise, cond, cond_clean, uncond, t1, t2, cond_class=cond_class)
+
+    process = _process()
+    eps_hat, x_t2 = _step(lora_unet, latents, noise, cond, t1, t2)
+    with torch.no_grad():
+        with tp.lora_disabled(lora_unet):
+            g_pre = tp.guided_epsilon(lora_unet, x_t2, t2, cond_clean.expand(2, -1, -1), uncond, 15.0, process)
+        g_per = tp.guided_epsilon(lora_unet, x_t2, t2, cond, uncond, 7.5, process)
+        u = (lora_unet(x_t2, t2, encoder_hidden_states=cond).sample
+             - lora_unet(x_t2, t2, encoder_hidden_states=cond_class).sample)
+        size = u.pow(2).mean(1, keepdim=True).sqrt()
+        weight = 1 - size / size.amax(dim=(1, 2, 3), keepdim=True)
+        assert weight.min() == 0 and weight.mean() < 0.9  # the weight has something to keep D off here
+        expected = -((g_pre - g_per) * weight * eps_hat).flatten(1).mean(1).mean()
+        _, dds = _losses(lora_unet, tp.AlignmentConfig(), latents, noise, cond, cond_clean, uncond, t1, t2)
+    torch.testing.assert_close(loss_align.detach(), expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(loss_align.detach(), dds.detach())
+
+
 def _trained(tiny_sd_path, instance_dir, out, *extra):
     reset_accelerate_state()
     # No clipping: a clipped step would couple the token's update to the LoRA's gradient norm.
@@ -211,6 +249,7 @@ def test_alignment_gradient_lands_where_asked(tiny_sd_path, instance_dir, tmp_pa
         ["--alignment_mode", "teacher"],
         ["--alignment_mode", "teacher", "--teacher_inversion"],
         ["--alignment_projection", "identity", "--alignment_normalization", "none"],
+        ["--alignment_projection", "identity_region", "--alignment_normalization", "none"],
     ],
 )
 def test_mechanisms_train_and_save(tiny_sd_path, instance_dir, tmp_path, extra):
@@ -225,8 +264,10 @@ def test_mechanisms_train_and_save(tiny_sd_path, instance_dir, tmp_path, extra):
     assert load_file(str(out / "learned_embeds.safetensors"))[TOKEN].isfinite().all()
 
 
-def test_class_phrase_table_gives_each_image_its_own_subjects_class_prompt(tiny_sd_path, tmp_path):
-    """Multi-subject: ỹ_P of each image of a batch is its own subject's personalization prompt with the class."""
+@pytest.mark.parametrize("extra", [["--alignment_mode", "class_delta"], ["--alignment_projection", "identity_region"]])
+def test_class_phrase_table_gives_each_image_its_own_subjects_class_prompt(tiny_sd_path, tmp_path, extra):
+    """Multi-subject: ỹ_P of each image of a batch is its own subject's personalization prompt with the class (the
+    class-cancelling D and the identity region both read it)."""
     from test_multi_subject import ART, CAT, common_flags, subject_flags
 
     from conftest import write_instance_images
@@ -235,8 +276,8 @@ def test_class_phrase_table_gives_each_image_its_own_subjects_class_prompt(tiny_
     art = write_instance_images(tmp_path / "art", n=1, seed=7)
     reset_accelerate_state()
     argv = subject_flags(str(cat), str(art)) + common_flags(tiny_sd_path, tmp_path / "out")
-    run = tpm.main(tpm.parse_args([*argv, "--alignment_mode", "class_delta", "--max_train_steps", "1",
-                                   "--num_validation_images", "0"]))
+    run = tpm.main(tpm.parse_args([*argv, *extra, "--max_train_steps", "1", "--num_validation_images", "0"]))
+    assert run.global_step == 1
     conditioner = run.conditioner
     prompts = [f"A photo of {CAT}", f"An oil painting of {ART}", f"A photo of {CAT}"]
     cond = run.class_conditioning(conditioner.tokenize(prompts))

@@ -248,7 +248,8 @@ MECHANISM_PREFIXES = (("PALP (paper)", "paper's D"), ("PALP λ=", "paper's D"), 
                       ("D on the LoRA only", "D on the LoRA only"), ("identity-bearing teacher",
                                                                     "identity-bearing teacher"),
                       ("calibrated D", "calibrated D"), ("class-source DDS", "class-source DDS"),
-                      ("D on the token only", "D on the token only"), ("inverted teacher", "inverted teacher"))
+                      ("D on the token only", "D on the token only"), ("inverted teacher", "inverted teacher"),
+                      ("identity-region D", "identity-region D"))
 
 
 def mechanism_of(label):

@@ -90,6 +90,10 @@ CONFIGS = {
     # two pushes at the start, so that it does not fade as the residual shrinks.
     **{f"calibrated D λ={w}": PAPER + ["--alignment_normalization", "calibrated", "--alignment_weight", w]
        for w in ("0.5", "1", "2", "4")},
+    # D kept off the subject's region: weighted per latent position by 1 - |u|/max|u|, u the personalized model's
+    # identity direction at x̂_t2, so the pull towards the generic class member fades where the subject is drawn.
+    **{f"identity-region D λ={w}": PAPER + ["--alignment_projection", "identity_region", "--alignment_weight", w]
+       for w in ("0.3", "0.6", "1", "2")},
 }
 
 
