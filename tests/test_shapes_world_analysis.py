@@ -148,12 +148,12 @@ def test_every_frontier_configuration_names_its_mechanism_and_strength():
     assert analysis.mechanism_of("class-cancelling D λ=0.03") == ("class-cancelling D", 0.03)
     assert analysis.mechanism_of("PALP normalised D α=β=7.5") is None
     assert analysis.mechanism_of("TI+DB") is None
-    script = (REPO_ROOT / "examples" / "shapes_world" / "frontier.sh").read_text()
     assert analysis.mechanism_of("inverted teacher λ=3") == ("inverted teacher", 3.0)
     assert analysis.mechanism_of("identity-region D λ=0.6") == ("identity-region D", 0.6)
     assert analysis.mechanism_of("identity-projected D λ=0.6") == ("identity-projected D", 0.6)
+    script = (REPO_ROOT / "examples" / "shapes_world" / "frontier.sh").read_text()
     for prefix in ("class-source DDS λ=", "D on the token only λ=", "calibrated D λ=", "PALP normalised D λ=",
-                   "inverted teacher λ="):
+                   "inverted teacher λ=", "identity-region D λ="):
         assert f'PREFIX="{prefix}"' in script, prefix
 
 

@@ -5,6 +5,7 @@
 # run and score it with both probes.
 #
 #   bash examples/shapes_world/quickstart.sh            # from the repository root (or anywhere: it cds there)
+#   WORLD=flow bash examples/shapes_world/quickstart.sh # the same on the flow-matching world (SD3 architecture)
 #
 # Leaves in $OUT (default runs/shapes_quickstart): ti_db_s<seed>/, palp_s<seed>/, palp_described_s<seed>/ (LoRA +
 # learned embedding + training config), grid.png (rows: base model with the clean prompt, then each run), metrics.md and metrics.json
@@ -12,7 +13,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-OUT=${OUT:-runs/shapes_quickstart}
+# The UNet world (model/, Stable Diffusion's architecture) or the flow world (model_flow/, SD3's MM-DiT trained with
+# rectified flow), which conditions on no T5 tokens as it was trained (--max_sequence_length 0).
+WORLD=${WORLD:-unet}
+case $WORLD in
+  unet) MODEL=examples/shapes_world/model; MODEL_ARGS=(); DEFAULT_OUT=runs/shapes_quickstart ;;
+  flow) MODEL=examples/shapes_world/model_flow; MODEL_ARGS=(--max_sequence_length 0)
+        DEFAULT_OUT=runs/shapes_quickstart_flow ;;
+  *) echo "WORLD must be 'unet' or 'flow', not '$WORLD'" >&2; exit 2 ;;
+esac
+OUT=${OUT:-$DEFAULT_OUT}
 STEPS=${STEPS:-200}
 SEEDS=${SEEDS:-"0 1"}   # one run per training seed and method: one seed alone is not a result
 # One thread per process: on a small, shared CPU, torch's default of one thread per core oversubscribes the cores
@@ -39,7 +49,7 @@ for SEED in $SEEDS; do
   RUNS+=("${OUT}/${NAME}_s${SEED}"); LABELS+=("${METHOD}, seed ${SEED}"); METHODS+=("${METHOD}")
   accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     train_palp.py \
-    --pretrained_model_name_or_path examples/shapes_world/model \
+    --pretrained_model_name_or_path "${MODEL}" "${MODEL_ARGS[@]}" \
     --instance_data_dir examples/shapes_world/subjects/${SUBJECT} \
     --placeholder_token "${TOKEN}" \
     --class_name star \
