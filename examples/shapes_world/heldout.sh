@@ -9,7 +9,7 @@
 # Writes ${OUT}_{a,b}/runs.csv, and $RESULTS/{verdict.md,table.md,plot.png,runs_a.csv,runs_b.csv}. v1's verdict
 # compares CONFIG@STEPS with TI+DB at STEPS, then at every other TI+DB step count, then with EXTRA_BASELINES; v2's
 # applies the v2 rule (TI+DB at its own best of TI_STEPS, leave-one-subject-out). Runs already in the CSVs (TI+DB's,
-# when another configuration is checked) are not run again.
+# when another configuration is checked; on a fresh clone, the committed $RESULTS/runs_{a,b}.csv) are not run again.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
@@ -35,6 +35,12 @@ PROMPT_INDICES=${PROMPT_INDICES:-"0 1 2 3 4 5"}
 COMMON=(--split "$SPLIT" --num_samples "$NUM_SAMPLES" --prompt_indices $PROMPT_INDICES)
 
 if [ -z "${ANALYSIS_ONLY:-}" ]; then
+  # A fresh clone has no runs/: each process starts from its committed rows, so an interrupted check resumes.
+  for part in a b; do
+    if [ ! -f "${OUT}_${part}/runs.csv" ] && [ -f "$RESULTS/runs_${part}.csv" ]; then
+      mkdir -p "${OUT}_${part}" && cp "$RESULTS/runs_${part}.csv" "${OUT}_${part}/runs.csv"
+    fi
+  done
   # TI+DB does not depend on the prompt: one run per subject and seed, scored on all 6 prompts, beside half of the
   # configuration's runs. Seed by seed, so that every finished seed covers every (subject, prompt) cluster.
   (for SEED in $SEEDS; do
