@@ -183,14 +183,13 @@ def parse_args(input_args=None):
         parser,
         guidance_scale_pretrained=15.0,
         guidance_scale_personalized=7.5,
-        alignment_normalization="personalization",
     )
     args = parser.parse_args(input_args)
     validate_args(args)
     return args
 
 
-def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_personalized, alignment_normalization):
+def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_personalized):
     """Every flag that is not about the subjects: model, PALP, LoRA, images, optimisation, checkpoints, validation,
     logging and Hub. Flag names follow diffusers' DreamBooth-LoRA script where the concept is the same."""
     # Model.
@@ -321,15 +320,15 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
     palp.add_argument(
         "--alignment_normalization",
         type=str,
-        default=alignment_normalization,
+        default="none",
         choices=["none", "personalization", "calibrated"],
-        help="'personalization' (ours; the one-subject default): rescale D per sample to the RMS of the "
-        "personalization gradient 2(ε̂ − ε), so λ is the ratio of the two terms' pushes on ε̂ at each step; it fades "
-        "as the model learns its photos (the residual shrinks). 'calibrated' (ours): D times one factor, the ratio "
-        "of the two gradients' mean RMS over the first --alignment_calibration_steps steps, then held: λ is the "
-        "ratio of the pushes at the start of training, and the push does not fade; up to that factor it is the "
-        "paper's D. 'none': D as the paper uses it (the multi-subject default: the normalisation was never "
-        "measured on composition).",
+        help="'none' (the default): D as the paper uses it. 'personalization' (ours): rescale D per sample to the "
+        "RMS of the personalization gradient 2(ε̂ − ε), so λ is the ratio of the two terms' pushes on ε̂ at each "
+        "step; it fades as the model learns its photos (the residual shrinks), and on the shapes world it sits below "
+        "the paper's trade-off between alignment and the subject's look (README). 'calibrated' (ours): D times one "
+        "factor, the ratio of the two gradients' mean RMS over the first --alignment_calibration_steps steps, then "
+        "held: λ is the ratio of the pushes at the start of training, and the push does not fade; up to that factor "
+        "it is the paper's D.",
     )
     palp.add_argument(
         "--alignment_calibration_steps",

@@ -70,8 +70,8 @@ def test_several_step_counts_must_be_named():
 
 def test_experiment_configurations_reach_train_palp_as_labelled():
     """Each label's flags give train_palp.py the alignment settings the label names: the paper's D is unnormalised
-    (now that the normalisation is the default), the defaults are the script's own, and a described y_c names the
-    subject's colour and pattern for every subject of both splits."""
+    and is now the script's default, "PALP (defaults)" keeps the normalised D its committed runs were trained with,
+    and a described y_c names the subject's colour and pattern for every subject of both splits."""
     import experiment
     import train_palp
 
@@ -82,13 +82,18 @@ def test_experiment_configurations_reach_train_palp_as_labelled():
         command = experiment.train_command(str(experiment.HERE / "model"), photos, subject_dict, target, 10, 10, 0,
                                            "out")
         described = experiment.described_clean_prompt(subject_dict, clean)
+        config_of.base = list(command)
         command += [described if a == experiment.DESCRIBED else a for a in experiment.CONFIGS[label]]
         return train_palp.parse_args(command)
 
     assert train_palp.AlignmentConfig.from_args(config_of("PALP (paper)")).normalization == "none"
     assert train_palp.AlignmentConfig.from_args(config_of("PALP normalised D")).normalization == "personalization"
+    paper = train_palp.AlignmentConfig.from_args(config_of("PALP (paper)"))
+    assert train_palp.AlignmentConfig.from_args(train_palp.parse_args(config_of.base)) == paper  # the script's defaults
     defaults = config_of("PALP (defaults)")
     assert train_palp.AlignmentConfig.from_args(defaults).normalization == "personalization"
+    assert train_palp.AlignmentConfig.from_args(config_of("PALP normalised D")) == train_palp.AlignmentConfig.from_args(
+        defaults)
     assert defaults.clean_prompt is None and train_palp.AlignmentConfig.from_args(config_of("TI+DB")).mode == "none"
     for split in ("dev", "heldout"):
         for name in world.SPLITS[split][0]:

@@ -35,6 +35,8 @@ WORLD_ARGS = ["--train_batch_size", "4", "--learning_rate", "3e-3", "--rank", "8
 PAPER = ["--alignment_mode", "dds", "--guidance_scale_pretrained", "15", "--guidance_scale_personalized", "7.5",
          "--alignment_weight", "1", "--alignment_normalization", "none"]
 
+NORMALISED_DEFAULTS = ["--alignment_mode", "dds", "--alignment_normalization", "personalization"]
+
 SUBJECT_FOLDERS = {"dev": "subjects", "heldout": "subjects_heldout", "heldout_v2": "subjects_heldout_v2"}
 DESCRIBED = "{described clean prompt}"  # replaced per run by described_clean_prompt()
 
@@ -53,16 +55,17 @@ CONFIGS = {
     "PALP normalised D λ=1.5": PAPER + ["--alignment_normalization", "personalization", "--alignment_weight", "1.5"],
     "PALP normalised D α=β=7.5": PAPER + ["--alignment_normalization", "personalization",
                                           "--guidance_scale_pretrained", "7.5"],
-    # train_palp.py's defaults as they stand: the configuration the held-out check evaluates.
-    "PALP (defaults)": ["--alignment_mode", "dds"],
-    # One change at a time from the defaults.
-    "PALP (defaults) w=1-ᾱ": ["--alignment_mode", "dds", "--alignment_weighting", "one_minus_alpha_bar"],
-    "PALP (defaults) projected D": ["--alignment_mode", "dds", "--alignment_projection", "residual"],
-    "PALP (defaults) projected D λ=2": ["--alignment_mode", "dds", "--alignment_projection", "residual",
-                                        "--alignment_weight", "2"],
+    # train_palp.py's defaults when v1's checks ran (the normalised D, λ = 1), pinned, so that the label keeps the
+    # meaning of its committed runs; the defaults are now the paper's D, the configuration "PALP (paper)".
+    "PALP (defaults)": NORMALISED_DEFAULTS,
+    # One change at a time from those defaults.
+    "PALP (defaults) w=1-ᾱ": NORMALISED_DEFAULTS + ["--alignment_weighting", "one_minus_alpha_bar"],
+    "PALP (defaults) projected D": NORMALISED_DEFAULTS + ["--alignment_projection", "residual"],
+    "PALP (defaults) projected D λ=2": NORMALISED_DEFAULTS + ["--alignment_projection", "residual",
+                                                              "--alignment_weight", "2"],
     # y_c names what the subject looks like ("a sketch of a yellow checkered star on ..."), as a user can write it
     # with --clean_prompt: D then has no reason to pull the colour and pattern towards the class average.
-    "PALP (defaults) described y_c": ["--alignment_mode", "dds", "--clean_prompt", DESCRIBED],
+    "PALP (defaults) described y_c": NORMALISED_DEFAULTS + ["--clean_prompt", DESCRIBED],
     # Frontiers (issue: move the alignment–fidelity line, not along it): each mechanism at several strengths λ, on
     # the paper's unnormalised D so that the push does not fade as the LoRA memorises its photos.
     "PALP λ=0.6": PAPER + ["--alignment_weight", "0.6"],
