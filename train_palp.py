@@ -42,6 +42,11 @@ or, for SDXL, into a ``StableDiffusionXLPipeline`` (the embedding file holds one
 
 SD3's pipeline has no ``load_textual_inversion``: the model card shows the lines that add the token to both CLIP
 tokenizers and set its rows from the same ``{"clip_l", "clip_g"}`` file.
+
+With ``--num_vectors N`` the token has N embedding rows (the file holds ``[N, dim]`` per text encoder):
+``load_textual_inversion`` adds ``<my-cat>_1 … <my-cat>_{N-1}`` itself and the SD and SDXL pipelines write
+``<my-cat>`` as ``<my-cat> <my-cat>_1 …`` in every prompt, as training does; for SD3 the model card's lines add the
+N tokens and its prompt is written out expanded.
 """
 
 import argparse
@@ -74,6 +79,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import (
     cast_training_params,
@@ -190,8 +196,9 @@ def parse_args(input_args=None):
 
 
 def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_personalized):
-    """Every flag that is not about the subjects: model, PALP, LoRA, images, optimisation, checkpoints, validation,
-    logging and Hub. Flag names follow diffusers' DreamBooth-LoRA script where the concept is the same."""
+    """Every flag that is not about the subjects: model, PALP, LoRA, the token's vectors, images, optimisation,
+    checkpoints, validation, logging and Hub. Flag names follow diffusers' DreamBooth-LoRA script where the concept
+    is the same."""
     # Model.
     parser.add_argument(
         "--pretrained_model_name_or_path",
@@ -377,6 +384,19 @@ def add_training_arguments(parser, guidance_scale_pretrained, guidance_scale_per
         "(ours). 0 switches the LoRA's effect off (a textual-inversion-only run).",
     )
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA layers.")
+
+    # The placeholder token.
+    parser.add_argument(
+        "--num_vectors",
+        type=int,
+        default=1,
+        help="Embedding vectors per placeholder token: <t> becomes N new tokens <t>, <t>_1, …, <t>_{N-1} in every CLIP "
+        "tokenizer and text encoder, each initialised from the class noun, and every prompt holding <t> is written "
+        "'<t> <t>_1 … <t>_{N-1}' before tokenizing, as diffusers' TextualInversionLoaderMixin.maybe_convert_prompt "
+        "writes it at inference. The embedding file holds N rows per text encoder ([N, dim]), which "
+        "load_textual_inversion loads as a multi-vector embedding (SD3: the model card's lines). More vectors give "
+        "the subject's identity more room in the text embedding. Default: 1 (paper: one token).",
+    )
 
     # Images.
     parser.add_argument(
@@ -566,7 +586,14 @@ def validate_training_args(args):
     """Checks of the flags that both PALP scripts share; each error names the flag and the fix."""
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         raise UserInputError(f"--resolution {args.resolution} must be a positive multiple of 8 (e.g. 512).")
-    for flag in ("max_train_steps", "rank", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+    for flag in (
+        "max_train_steps",
+        "rank",
+        "num_vectors",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+    ):
         if getattr(args, flag) <= 0:
             raise UserInputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}.")
     for flag in ("guidance_scale_pretrained", "guidance_scale_personalized", "alignment_weight", "learning_rate"):
@@ -1524,6 +1551,21 @@ def default_clean_prompt(target_prompt, token, class_name):
     return prompt.replace(token, f"{article} {class_name}")
 
 
+def vector_tokens(token, num_vectors):
+    """The tokens of a placeholder's N embedding rows: '<t>', '<t>_1', …, '<t>_{N-1}', the names diffusers'
+    ``load_textual_inversion`` gives the rows of a multi-vector embedding."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def expand_placeholders(prompt, tokens, num_vectors):
+    """The prompt with each placeholder '<t>' written as its N tokens '<t> <t>_1 … <t>_{N-1}', the text replacement
+    diffusers' ``TextualInversionLoaderMixin.maybe_convert_prompt`` makes before tokenizing: training then encodes
+    the ids a stock pipeline encodes at inference. With one vector the prompt is unchanged."""
+    for token in tokens:
+        prompt = prompt.replace(token, " ".join(vector_tokens(token, num_vectors)))
+    return prompt
+
+
 class PlaceholderEmbedding(torch.nn.Module):
     """The text encoder's token embedding with trainable rows for the new tokens only.
 
@@ -1544,9 +1586,10 @@ class PlaceholderEmbedding(torch.nn.Module):
         return torch.where(match.any(-1, keepdim=True), rows, embeds)
 
 
-def add_placeholder_tokens(tokenizer, text_encoder, tokens, class_names):
-    """Add one token per subject, initialised from the mean embedding of its class noun; return the ids and the
-    PlaceholderEmbedding that now serves as the text encoder's input embedding."""
+def add_placeholder_tokens(tokenizer, text_encoder, tokens, class_names, num_vectors=1):
+    """Add N tokens per subject (:func:`vector_tokens`), each row initialised from the mean embedding of its class
+    noun; return the ids (subject by subject, its N rows together) and the PlaceholderEmbedding that now serves as
+    the text encoder's input embedding."""
     vocab = tokenizer.get_vocab()
     for token in tokens:
         # "cat" is stored as "cat</w>": a word is known when it already encodes to a single token.
@@ -1555,15 +1598,23 @@ def add_placeholder_tokens(tokenizer, text_encoder, tokens, class_names):
                 f"--placeholder_token {token!r} is already in the tokenizer's vocabulary: pick a new word, e.g. "
                 f"'<my-{token.strip('<>')}>'."
             )
-    if tokenizer.add_tokens(list(tokens)) != len(tokens):
+        for name in vector_tokens(token, num_vectors)[1:]:
+            if name in vocab or len(tokenizer.encode(name, add_special_tokens=False)) == 1:
+                raise UserInputError(
+                    f"--placeholder_token {token!r} with --num_vectors {num_vectors} adds the tokens "
+                    f"{vector_tokens(token, num_vectors)}, and {name!r} is already in the tokenizer's vocabulary: "
+                    "pick another placeholder word."
+                )
+    names = [name for token in tokens for name in vector_tokens(token, num_vectors)]
+    if tokenizer.add_tokens(names) != len(names):
         raise UserInputError(
-            f"Could not add the placeholder tokens {tokens} to the tokenizer; use new, distinct words."
+            f"Could not add the placeholder tokens {names} to the tokenizer; use new, distinct words."
         )
-    token_ids = tokenizer.convert_tokens_to_ids(list(tokens))
-    for token, token_id in zip(tokens, token_ids):
-        if tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+    token_ids = tokenizer.convert_tokens_to_ids(names)
+    for name, token_id in zip(names, token_ids):
+        if tokenizer.encode(name, add_special_tokens=False) != [token_id]:
             raise UserInputError(
-                f"--placeholder_token {token!r} does not tokenize to one token (the tokenizer lowercases its input): "
+                f"--placeholder_token {name!r} does not tokenize to one token (the tokenizer lowercases its input): "
                 "use a lowercase word such as '<my-cat>'."
             )
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -1573,7 +1624,7 @@ def add_placeholder_tokens(tokenizer, text_encoder, tokens, class_names):
         class_ids = tokenizer.encode(class_name, add_special_tokens=False)
         if not class_ids:
             raise UserInputError(f"--class_name {class_name!r} gives no tokens; use a noun such as 'cat'.")
-        init_rows.append(base.weight.data[class_ids].float().mean(dim=0))
+        init_rows += [base.weight.data[class_ids].float().mean(dim=0)] * num_vectors
     init_rows = torch.stack(init_rows)
     with torch.no_grad():
         base.weight[token_ids] = init_rows.to(base.weight.dtype)
@@ -1598,10 +1649,11 @@ class TextConditioner:
     :meth:`Conditioning.denoise` calls the denoiser), what ∅ is, which denoiser, schedule and noise process the model
     has, where its LoRA goes, which files hold the embedding and which pipeline loads the result. This class is SD
     1.x/2.x: one CLIP text encoder, its last hidden state, a UNet on a DDPM schedule; ∅ is the encoded empty prompt;
-    the embedding file is ``{token: [1, dim]}``.
+    the embedding file is ``{token: [N, dim]}`` (N = --num_vectors).
 
     It owns the tokenizers, the text encoders (``text_encoders`` may be replaced by their accelerate-prepared
-    versions) and one PlaceholderEmbedding per encoder.
+    versions), one PlaceholderEmbedding per encoder, and the placeholder tokens with their number of vectors, which
+    :meth:`tokenize` expands in every prompt.
     """
 
     pipeline_class = StableDiffusionPipeline
@@ -1628,6 +1680,7 @@ class TextConditioner:
         self.tokenizers = list(tokenizers)
         self.model_index = model_index or {}
         self.text_encoders, self.embeddings = [], []
+        self.placeholder_tokens, self.num_vectors = [], 1
         self.resolution = None
 
     @classmethod
@@ -1663,20 +1716,34 @@ class TextConditioner:
         """The sampler of validation images: a fast multistep solver on the model's own schedule."""
         return DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
 
-    def add_placeholder_tokens(self, tokens, class_names):
-        """[V] in every tokenizer and encoder, each row initialised from its own encoder's class-noun rows."""
+    def add_placeholder_tokens(self, tokens, class_names, num_vectors=1):
+        """[V]'s N tokens in every tokenizer and encoder, each row initialised from its own encoder's class-noun
+        rows."""
         self.embeddings = [
-            add_placeholder_tokens(tokenizer, encoder, tokens, class_names)[1]
+            add_placeholder_tokens(tokenizer, encoder, tokens, class_names, num_vectors)[1]
             for tokenizer, encoder in zip(self.tokenizers, self.text_encoders)
         ]
+        self.placeholder_tokens, self.num_vectors = list(tokens), num_vectors
         return self.embeddings
 
     @property
     def trainable_rows(self):
         return [embedding.rows for embedding in self.embeddings]
 
+    def expand(self, prompts):
+        """The prompts as the text encoders read them: each placeholder written as its N tokens."""
+        return [expand_placeholders(prompt, self.placeholder_tokens, self.num_vectors) for prompt in prompts]
+
+    def inference_prompt(self, prompt):
+        """The prompt to hand the family's pipeline. SD and SDXL pipelines expand a multi-vector token themselves
+        (``TextualInversionLoaderMixin.maybe_convert_prompt``) and must get it unexpanded, or they would expand it
+        twice; SD3's pipeline has no textual-inversion support and gets it expanded."""
+        if issubclass(self.pipeline_class, TextualInversionLoaderMixin):
+            return prompt
+        return self.expand([prompt])[0]
+
     def tokenize(self, prompts):
-        return tuple(tokenize(tokenizer, prompts) for tokenizer in self.tokenizers)
+        return tuple(tokenize(tokenizer, self.expand(prompts)) for tokenizer in self.tokenizers)
 
     def image_geometry(self, original_size, crop, resolution):
         """What the family conditions on about a training photo besides its pixels: nothing here; SDXL's time_ids."""
@@ -1702,17 +1769,27 @@ class TextConditioner:
     def keys_for(self, token):
         return list(self.embedding_keys or [token])
 
+    def token_rows(self, index):
+        """Where the N rows of the ``index``-th token sit in each PlaceholderEmbedding."""
+        return slice(index * self.num_vectors, (index + 1) * self.num_vectors)
+
     def embedding_state(self, index, token):
-        """The safetensors dict of one token: one row per text encoder."""
+        """The safetensors dict of one token: its N rows ([N, dim]) per text encoder."""
         return {
-            key: embedding.rows[index : index + 1].detach().float().cpu().contiguous()
+            key: embedding.rows[self.token_rows(index)].detach().float().cpu().contiguous()
             for key, embedding in zip(self.keys_for(token), self.embeddings)
         }
 
     def load_embedding_state(self, index, token, state):
         with torch.no_grad():
             for key, embedding in zip(self.keys_for(token), self.embeddings):
-                embedding.rows[index].copy_(state[key][0].to(embedding.rows.dtype))
+                saved = state[key].shape[0]
+                if saved != self.num_vectors:
+                    raise ValueError(
+                        f"it holds {saved} vector(s) of {token!r}: it was trained with --num_vectors {saved}, not "
+                        f"{self.num_vectors}"
+                    )
+                embedding.rows[self.token_rows(index)].copy_(state[key].to(embedding.rows.dtype))
 
     def pipeline(self, vae, unet, scheduler, text_encoders=None):
         """The family's inference pipeline around the training modules themselves (no copies)."""
@@ -1875,12 +1952,13 @@ class SD3TextConditioner(TextConditioner):
         return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
 
     def tokenize(self, prompts):
-        """CLIP-L and CLIP-G ids (77 each), then T5's (padded to ``max_sequence_length``) when the model has T5."""
+        """CLIP-L and CLIP-G ids (77 each), then T5's (padded to ``max_sequence_length``) when the model has T5. T5
+        reads the expanded prompt too: the pipeline, which does not expand it, is given it expanded."""
         ids = super().tokenize(prompts)
         if self.t5_tokenizer is None:
             return ids
         t5_ids = self.t5_tokenizer(
-            prompts,
+            self.expand(prompts),
             padding="max_length",
             max_length=self.max_sequence_length,
             truncation=True,
@@ -1943,15 +2021,25 @@ class SD3TextConditioner(TextConditioner):
 
     def load_code(self, repo, files_and_tokens):
         lines = ["# [V] goes into both CLIP tokenizers and encoders; T5 reads it as plain text, as in training."]
+        if self.num_vectors > 1:
+            lines.append(
+                f"# {self.num_vectors} vectors per token: unlike the SD and SDXL pipelines this one does not expand a "
+                "token into them in a prompt, so the prompt below writes them all."
+            )
         for file, token in files_and_tokens:
+            names = vector_tokens(token, self.num_vectors)
+            if len(names) == 1:
+                added, rows, value = f'"{token}"', "row", "state[key][0]"
+            else:
+                added, rows, value = "[" + ", ".join(f'"{name}"' for name in names) + "]", "rows", "state[key]"
             lines += [
                 f'state = load_file(hf_hub_download("{repo}", "{file}"))  # a local folder: load_file(path)',
                 'for key, encoder, tokenizer in [("clip_l", pipe.text_encoder, pipe.tokenizer),',
                 '                                ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)]:',
-                f'    tokenizer.add_tokens("{token}")',
+                f"    tokenizer.add_tokens({added})",
                 "    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)",
-                f'    row = tokenizer.convert_tokens_to_ids("{token}")',
-                "    encoder.get_input_embeddings().weight.data[row] = state[key][0].to(encoder.device, encoder.dtype)",
+                f"    {rows} = tokenizer.convert_tokens_to_ids({added})",
+                f"    encoder.get_input_embeddings().weight.data[{rows}] = {value}.to(encoder.device, encoder.dtype)",
             ]
         return "\n".join(lines)
 
@@ -2396,8 +2484,9 @@ def embedding_file_name(token, single=True):
 
 
 def save_embeddings(output_dir, tokens, conditioner):
-    """One safetensors file per token in the family's format: ``{token: [1, dim]}`` (SD 1.x/2.x), or
-    ``{"clip_l": [1, 768], "clip_g": [1, 1280]}`` (SDXL), the forms ``pipe.load_textual_inversion`` loads."""
+    """One safetensors file per token in the family's format, N = --num_vectors rows each: ``{token: [N, dim]}``
+    (SD 1.x/2.x), or ``{"clip_l": [N, 768], "clip_g": [N, 1280]}`` (SDXL, SD3), the forms
+    ``pipe.load_textual_inversion`` loads (it adds the tokens <t>_1 … of a multi-vector embedding itself)."""
     paths = []
     for index, token in enumerate(tokens):
         path = os.path.join(output_dir, embedding_file_name(token, single=len(tokens) == 1))
@@ -2735,6 +2824,13 @@ def shareable_config(config):
     return shared
 
 
+def vectors_note(token, num_vectors):
+    """What the model card adds about a multi-vector token (nothing for one vector)."""
+    if num_vectors == 1:
+        return ""
+    return f", {num_vectors} embedding vectors (`{' '.join(vector_tokens(token, num_vectors))}`)"
+
+
 def model_card(config, image_paths, output_dir, conditioner):
     """README.md for the output folder / Hub repo; its snippet loads the result into the model family's pipeline."""
     token = config["placeholder_token"]
@@ -2762,6 +2858,7 @@ def model_card(config, image_paths, output_dir, conditioner):
             "alignment_projection",
             "rank",
             "lora_alpha",
+            "num_vectors",
             "learning_rate",
             "embedding_learning_rate",
             "max_train_steps",
@@ -2785,7 +2882,7 @@ LoRA + textual-inversion embedding trained with PALP (Prompt Aligned Personaliza
 - Target prompt: `{config["target_prompt"]}`
 - Clean prompt (pre-trained model's view, y_c): `{config["clean_prompt_resolved"]}`
 - Personalization prompt (y_P): `{config["personalization_prompt_resolved"]}`
-- Placeholder token: `{token}`, class `{config["class_name"]}`
+- Placeholder token: `{token}`, class `{config["class_name"]}`{vectors_note(token, conditioner.num_vectors)}
 - Base model: `{base}`
 - VAE used in training: {card_vae(config, base)}
 
@@ -2798,7 +2895,7 @@ from diffusers import {pipeline_name}
 pipe = {pipeline_name}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("{repo}")
 {conditioner.load_code(repo, [(EMBEDDINGS_NAME, token)])}
-image = pipe("{config["target_prompt"]}"{"".join(f", {k}={v!r}" for k, v in conditioner.call_kwargs().items())}).images[0]
+image = pipe("{conditioner.inference_prompt(config["target_prompt"])}"{"".join(f", {k}={v!r}" for k, v in conditioner.call_kwargs().items())}).images[0]
 ```
 
 {webui_usage(config["target_prompt"], [token], single=True) if conditioner.kohya_lora else ""}
@@ -2989,7 +3086,7 @@ def prepare_models(args, accelerator, conditioner, tokens, class_names):
     """Frozen models in the training dtype, the placeholder rows and the LoRA in fp32; the resolution resolved."""
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
     vae, unet, noise_scheduler = load_models(args, conditioner, weight_dtype, accelerator.device)
-    conditioner.add_placeholder_tokens(tokens, class_names)
+    conditioner.add_placeholder_tokens(tokens, class_names, args.num_vectors)
     # The SDXL VAE overflows in fp16: a VAE stays in fp32 unless its config says it need not (force_upcast false,
     # as in an fp16-safe VAE given with --pretrained_vae_model_name_or_path).
     vae.to(accelerator.device, dtype=torch.float32 if vae.config.force_upcast else weight_dtype)
@@ -3246,7 +3343,7 @@ def validate(run, name):
     scheduler = run.conditioner.validation_scheduler(run.noise_scheduler)
     images = generate_images(
         run.conditioner.pipeline(run.vae, run.base_unet, scheduler, run.base_text_encoders),
-        run.validation_prompt,
+        run.conditioner.inference_prompt(run.validation_prompt),
         args.num_validation_images,
         run.resolution,
         resolved_validation_guidance_scale(args, run.conditioner),

@@ -44,6 +44,7 @@ from sample_palp import (  # noqa: E402
     find_trained_weights,
     load_pipeline,
     lora_scale_kwargs,
+    pipeline_prompt,
     read_embedding_token,
     resolve_device_and_dtype,
 )
@@ -334,7 +335,7 @@ def generate_images(pipe, args, seeds):
         # A CPU generator per image: the same seed gives the same starting noise on any device and batch layout.
         generator = torch.Generator(device="cpu").manual_seed(seed)
         image = pipe(
-            args.target_prompt,
+            pipeline_prompt(pipe, args.target_prompt),
             negative_prompt=args.negative_prompt,
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,

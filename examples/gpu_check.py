@@ -384,7 +384,7 @@ def check_outputs_load(model_dir, out, device, resolution, dtype):
         str(model_dir), out / tp.LORA_NAME, [out / tp.EMBEDDINGS_NAME], device, dtype, safety_checker=False
     )
     image = pipe(
-        TARGET_PROMPT,
+        sample_palp.pipeline_prompt(pipe, TARGET_PROMPT),
         num_inference_steps=4,
         height=resolution,
         width=resolution,

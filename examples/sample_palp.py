@@ -11,9 +11,11 @@ embedding(s).
 ``--trained_dir`` is the ``--output_dir`` of train_palp.py: its ``pytorch_lora_weights.safetensors`` is loaded
 with ``pipe.load_lora_weights`` and every ``learned_embeds*.safetensors`` in it (one file per placeholder token)
 with ``pipe.load_textual_inversion`` (SD 3/3.5, whose pipeline has none: the token is added to both CLIP tokenizers
-and its rows set, as the model card's lines do); ``--embedding`` adds more files. Without
-``--pretrained_model_name_or_path`` or ``--prompts``, the base model and the target prompt recorded in its
-``training_config.json`` are used. The base model's ``model_index.json`` says its family: SD 1.x/2.x, SDXL or SD3.
+and its rows set, as the model card's lines do); ``--embedding`` adds more files. A multi-vector embedding
+(train_palp.py's ``--num_vectors N``: N rows per text encoder) becomes the tokens ``<t>, <t>_1, …, <t>_{N-1}``, and
+every prompt writes ``<t>`` as all of them: the SD and SDXL pipelines do so themselves, SD3 prompts are expanded here
+the same way. Without ``--pretrained_model_name_or_path`` or ``--prompts``, the base model and the target prompt
+recorded in its ``training_config.json`` are used. The base model's ``model_index.json`` says its family: SD 1.x/2.x, SDXL or SD3.
 
 Writes one PNG per (prompt, seed), named ``prompt{i:02d}_seed{seed}.png`` (``i`` = position of the prompt in
 the list), ``grid.png`` (rows = prompts, columns = seeds) and ``sampling_config.json`` (prompts and settings).
@@ -73,7 +75,8 @@ def parse_args(input_args=None):
         type=str,
         action="append",
         default=[],
-        help="Extra learned-token embedding file (one key: the token, value [1, dim]); repeat the flag for several.",
+        help="Extra learned-token embedding file (one key: the token, value [N, dim] for N vectors; or SDXL/SD3's "
+        "{'clip_l', 'clip_g'}); repeat the flag for several.",
     )
     parser.add_argument(
         "--prompts",
@@ -187,15 +190,46 @@ def read_embedding_token(path):
     return keys[0]
 
 
+def vector_rows(tensor):
+    """An embedding as [N, dim]: N = 1 for a single vector, whether stored as [dim] or [1, dim]."""
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
 def add_token_to_sd3_pipeline(pipe, token, state):
-    """The SD3 model card's lines (``SD3TextConditioner.load_code`` of train_palp.py): [V] goes into both CLIP
-    tokenizers and encoders and its rows are set; T5 reads it as plain text, as in training."""
+    """The SD3 model card's lines (``SD3TextConditioner.load_code`` of train_palp.py): [V]'s N tokens <t>, <t>_1, …
+    (N rows in the file, the names ``load_textual_inversion`` gives them) go into both CLIP tokenizers and encoders
+    and their rows are set; T5 reads the prompt as plain text, as in training."""
+    rows = {key: vector_rows(state[key]) for key in SDXL_EMBEDDING_KEYS}
+    count = len(rows["clip_l"])
+    if len(rows["clip_g"]) != count:
+        raise ValueError(f"Embedding of {token!r}: clip_l has {count} vector(s), clip_g {len(rows['clip_g'])}.")
+    names = [token] + [f"{token}_{i}" for i in range(1, count)]
     for key, encoder, tokenizer in [("clip_l", pipe.text_encoder, pipe.tokenizer),
                                     ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)]:  # fmt: skip
-        tokenizer.add_tokens(token)
+        known = [name for name in names if name in tokenizer.get_vocab()]
+        if known:
+            raise ValueError(f"Token(s) {known} of {token!r} are already in the tokenizer's vocabulary.")
+        tokenizer.add_tokens(names)
         encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        row = tokenizer.convert_tokens_to_ids(token)
-        encoder.get_input_embeddings().weight.data[row] = state[key][0].to(encoder.device, encoder.dtype)
+        ids = tokenizer.convert_tokens_to_ids(names)
+        encoder.get_input_embeddings().weight.data[ids] = rows[key].to(encoder.device, encoder.dtype)
+
+
+def pipeline_prompt(pipe, prompt):
+    """The prompt to hand ``pipe``, with each multi-vector token <t> written as '<t> <t>_1 … <t>_{N-1}'. SD and SDXL
+    pipelines do this themselves (``maybe_convert_prompt``) and get the prompt as it is; SD3's has no
+    textual-inversion support, so its prompt is expanded here as ``maybe_convert_prompt`` would expand it."""
+    if hasattr(pipe, "maybe_convert_prompt"):
+        return prompt
+    tokenizer = pipe.tokenizer
+    for token in set(tokenizer.tokenize(prompt)):
+        if token in tokenizer.added_tokens_encoder:
+            names, i = [token], 1
+            while f"{token}_{i}" in tokenizer.added_tokens_encoder:
+                names.append(f"{token}_{i}")
+                i += 1
+            prompt = prompt.replace(token, " ".join(names))
+    return prompt
 
 
 def load_embedding(pipe, path):
@@ -361,7 +395,7 @@ def generate(pipe, prompts, seeds, args):
             # One CPU generator per image: an image depends only on (prompt, seed), on any device.
             generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in batch_seeds]
             row += pipe(
-                [prompt] * len(batch_seeds),
+                [pipeline_prompt(pipe, prompt)] * len(batch_seeds),
                 negative_prompt=None if args.negative_prompt is None else [args.negative_prompt] * len(batch_seeds),
                 num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale,

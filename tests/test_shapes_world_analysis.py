@@ -95,6 +95,10 @@ def test_experiment_configurations_reach_train_palp_as_labelled():
     assert train_palp.AlignmentConfig.from_args(config_of("PALP normalised D")) == train_palp.AlignmentConfig.from_args(
         defaults)
     assert defaults.clean_prompt is None and train_palp.AlignmentConfig.from_args(config_of("TI+DB")).mode == "none"
+    multi_vector = config_of("multi-vector token (4 vectors) λ=0.3")
+    assert (multi_vector.num_vectors, multi_vector.alignment_weight, multi_vector.alignment_normalization) == (
+        4, 0.3, "none")  # fmt: skip
+    assert (config_of("TI+DB 4 vectors").alignment_mode, config_of("TI+DB 4 vectors").num_vectors) == ("none", 4)
     for split in ("dev", "heldout"):
         for name in world.SPLITS[split][0]:
             subject = world.find_subject(name)
@@ -156,6 +160,8 @@ def test_every_frontier_configuration_names_its_mechanism_and_strength():
     assert analysis.mechanism_of("inverted teacher λ=3") == ("inverted teacher", 3.0)
     assert analysis.mechanism_of("identity-region D λ=0.6") == ("identity-region D", 0.6)
     assert analysis.mechanism_of("identity-projected D λ=0.6") == ("identity-projected D", 0.6)
+    assert analysis.mechanism_of("multi-vector token (4 vectors) λ=0.3") == ("multi-vector token (4 vectors)", 0.3)
+    assert analysis.mechanism_of("TI+DB 4 vectors") is None
     script = (REPO_ROOT / "examples" / "shapes_world" / "frontier.sh").read_text()
     for prefix in ("class-source DDS λ=", "D on the token only λ=", "calibrated D λ=", "PALP normalised D λ=",
                    "inverted teacher λ=", "identity-region D λ="):

@@ -249,7 +249,8 @@ MECHANISM_PREFIXES = (("PALP (paper)", "paper's D"), ("PALP λ=", "paper's D"), 
                                                                     "identity-bearing teacher"),
                       ("calibrated D", "calibrated D"), ("class-source DDS", "class-source DDS"),
                       ("D on the token only", "D on the token only"), ("inverted teacher", "inverted teacher"),
-                      ("identity-region D", "identity-region D"))
+                      ("identity-region D", "identity-region D"),
+                      ("multi-vector token (4 vectors)", "multi-vector token (4 vectors)"))
 
 
 def mechanism_of(label):

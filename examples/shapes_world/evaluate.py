@@ -59,9 +59,12 @@ def load_personalized(model, run_dir):
 
 
 def sample(pipe, prompt, num_samples, seed, guidance_scale, steps):
-    """``num_samples`` images of one prompt, image i drawn from seed ``seed + i`` (uint8, (N, 32, 32, 3))."""
+    """``num_samples`` images of one prompt, image i drawn from seed ``seed + i`` (uint8, (N, 32, 32, 3)). A
+    multi-vector token is written out as ``sample_palp.py`` writes it for the pipeline."""
+    from sample_palp import pipeline_prompt
+
     generators = [torch.Generator().manual_seed(seed + i) for i in range(num_samples)]
-    images = pipe([prompt] * num_samples, height=32, width=32, num_inference_steps=steps,
+    images = pipe([pipeline_prompt(pipe, prompt)] * num_samples, height=32, width=32, num_inference_steps=steps,
                   guidance_scale=guidance_scale, generator=generators, output_type="np",
                   **probe_lib.sampling_kwargs(pipe)).images
     return (images * 255).round().astype(np.uint8)
