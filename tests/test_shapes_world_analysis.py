@@ -147,6 +147,17 @@ def test_heldout_script_on_a_small_slice_of_v2(tmp_path):
     assert (results / "verdict.md").read_text() == verdict
 
 
+def test_only_configurations_without_the_alignment_term_share_one_run_across_prompts():
+    """A run without the alignment term is trained once for all prompts; every PALP configuration, including the
+    paper's (whose flags hold '--alignment_normalization none'), once per prompt."""
+    import experiment
+
+    free = {label for label, flags in experiment.CONFIGS.items() if experiment.is_prompt_free(flags)}
+    assert free == {"TI+DB", "TI+DB 4 vectors"}
+    assert not experiment.is_prompt_free(["--alignment_mode", "none", "--alignment_mode", "dds"])
+    assert experiment.is_prompt_free(["--alignment_mode", "dds", "--alignment_mode", "none"])
+
+
 def test_every_frontier_configuration_names_its_mechanism_and_strength():
     """frontier.sh's labels map to (mechanism, λ); a variant with other settings changed is not a point of a sweep."""
     assert analysis.mechanism_of("PALP (paper)") == ("paper's D", 1.0)

@@ -141,6 +141,13 @@ def train_command(model, photos, subject, target, max_steps, checkpointing_steps
     ] + WORLD_ARGS + model_args(model)
 
 
+def is_prompt_free(flags):
+    """Whether a configuration trains without the alignment term (its last --alignment_mode is 'none'): such a run
+    never sees the target prompt, so one run serves every prompt of its subject and seed."""
+    modes = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == "--alignment_mode"]
+    return bool(modes) and modes[-1] == "none"
+
+
 def model_args(model):
     """train_palp.py flags a world model needs: the flow world conditions on no T5 tokens, as it was trained."""
     if not probe_lib.is_flow_model(model):
@@ -214,7 +221,7 @@ def main(args):
     max_steps = max(args.steps)
     start = time.time()
     for config in args.configs:
-        prompt_free = "none" in CONFIGS[config]
+        prompt_free = is_prompt_free(CONFIGS[config])
         for subject_name, prompt_indices in chosen.items():
             subject = world.find_subject(subject_name)
             identity = {k: subject[k] for k in probe_lib.IDENTITY}
