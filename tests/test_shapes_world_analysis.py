@@ -175,7 +175,7 @@ def test_every_frontier_configuration_names_its_mechanism_and_strength():
     assert analysis.mechanism_of("TI+DB 4 vectors") is None
     script = (REPO_ROOT / "examples" / "shapes_world" / "frontier.sh").read_text()
     for prefix in ("class-source DDS λ=", "D on the token only λ=", "calibrated D λ=", "PALP normalised D λ=",
-                   "inverted teacher λ=", "identity-region D λ="):
+                   "inverted teacher λ=", "identity-region D λ=", "multi-vector token (4 vectors) λ="):
         assert f'PREFIX="{prefix}"' in script, prefix
 
 

@@ -7,7 +7,7 @@
 #
 #   bash examples/shapes_world/frontier.sh            # from the repository root (or anywhere: it cds there)
 #
-# Writes runs/frontier_{ti,a,b,c,d,e,f,g}/runs.csv and examples/shapes_world/results/frontier/{frontier.md,frontier.png,
+# Writes runs/frontier_{ti,a,b,c,d,e,f,g,h}/runs.csv and examples/shapes_world/results/frontier/{frontier.md,frontier.png,
 # runs_*.csv}.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,7 +19,7 @@ X=examples/shapes_world/experiment.py
 COMMON=(--split dev --pairs checkered_star:0 ringed_circle:1 orange_square:3 checkered_triangle:4 --seeds 0 1
         --num_samples 16)
 # A fresh clone has no runs/: each part starts from its committed rows, so only the missing runs are trained.
-for part in ti a b c d e f g; do
+for part in ti a b c d e f g h; do
   if [ ! -f "${OUT}_${part}/runs.csv" ] && [ -f "$RESULTS/runs_${part}.csv" ]; then
     mkdir -p "${OUT}_${part}" && cp "$RESULTS/runs_${part}.csv" "${OUT}_${part}/runs.csv"
   fi
@@ -44,12 +44,16 @@ run() { part=$1; shift; $PYTHON $X "${COMMON[@]}" --configs "$@" --steps 100 200
  mapfile -t F < <(PREFIX="inverted teacher λ=" sweep 0.1 0.3 1 3)
  run f "${F[@]}"
  mapfile -t G < <(PREFIX="identity-region D λ=" sweep 0.3 0.6 1 2)
- run g "${G[@]}") > "${OUT}_d.log" 2>&1
+ run g "${G[@]}"
+ # Multi-vector tokens: TI+DB with the same 4 vectors beside (not the protocol's reference, reported with it).
+ $PYTHON $X "${COMMON[@]}" --configs "TI+DB 4 vectors" --steps 100 200 300 --output_dir "${OUT}_h"
+ mapfile -t H < <(PREFIX="multi-vector token (4 vectors) λ=" sweep 1 0.3 0.6)
+ run h "${H[@]}") > "${OUT}_d.log" 2>&1
 wait
 
 mkdir -p "$RESULTS"
 RUNS=()
-for part in ti a b c d e f g; do
+for part in ti a b c d e f g h; do
   cp "${OUT}_${part}/runs.csv" "$RESULTS/runs_${part}.csv"
   RUNS+=("$RESULTS/runs_${part}.csv")
 done
