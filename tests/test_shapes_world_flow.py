@@ -139,3 +139,43 @@ def test_train_palp_runs_on_the_flow_world_as_the_experiments_run_it(tmp_path):
     images = evaluate.sample(pipe, target, 2, 0, 5.0, 2)
     base = evaluate.sample(probe_lib.load_pipeline(str(MODEL_FLOW)), target, 2, 0, 5.0, 2)
     assert images.shape == base.shape == (2, 32, 32, 3) and np.abs(images.astype(int) - base.astype(int)).max() > 0
+
+
+def test_gradient_diagnostics_run_on_the_flow_world(monkeypatch):
+    """diagnostics.py gradients on model_flow: the draws come from train_palp's rectified-flow process (σ on its
+    table, both terms weighted by the balance σ1²/(1 − σ1)²), every CLIP encoder's token row gets both terms'
+    gradients, and D reproduces palp_losses' alignment term (measure_draws raises if not; a palp_losses whose
+    alignment term is off by 1% is caught)."""
+    import diagnostics
+
+    import train_palp
+
+    args = diagnostics.parse_args(["gradients", "--model", str(MODEL_FLOW), "--draws", "2", "--tidb_steps", "1"])
+    assert diagnostics.default_output_name(args.model) == "gradients_flow"
+    assert diagnostics.resolved_work_dir(args).name == "diagnostics_flow"
+    models = diagnostics.build_models(train_palp, args, "checkered_star")
+    process = models["process"]
+    assert isinstance(process, train_palp.RectifiedFlowProcess) and process.precondition_outputs
+    records, grads = diagnostics.measure_draws(train_palp, models, "checkered_star", 2, 15.0, 7.5, 1.0, seed=0)
+    widths = sum(rows.shape[-1] for rows in models["conditioner"].trainable_rows)
+    for record, (gp_lora, ga_lora, gp_tok, ga_tok) in zip(records, grads):
+        sigma = record["sigma_t1"]
+        assert 0.02 < sigma < 0.99 and record["t1"] == pytest.approx(1000 * sigma)
+        assert record["balance_t1"] == pytest.approx(sigma**2 / (1 - sigma) ** 2, rel=1e-4)
+        assert "sqrt_alpha_bar_t2" not in record
+        assert all(np.isfinite(v) for v in record.values())
+        assert record["rms_pers_grad"] > 0 and record["rms_lambda_D"] > 0 and 0 <= record["class_pull_share"] <= 1
+        assert gp_tok.numel() == ga_tok.numel() == widths
+        assert all(g.norm() > 0 for g in (gp_lora, ga_lora, gp_tok, ga_tok))
+    axis = diagnostics.time_axis(train_palp, process, (20, 980), 5)
+    assert axis["keys"] == ("sigma_t1", "sigma_t2") and axis["edges"][-1] > float(process.sigmas[980])
+
+    palp_losses = train_palp.palp_losses
+
+    def off_by_one_percent(*a, **k):
+        loss_pers, loss_align = palp_losses(*a, **k)
+        return loss_pers, 1.01 * loss_align
+
+    monkeypatch.setattr(train_palp, "palp_losses", off_by_one_percent)
+    with pytest.raises(RuntimeError, match="does not reproduce palp_losses' alignment term"):
+        diagnostics.measure_draws(train_palp, models, "checkered_star", 1, 15.0, 7.5, 1.0, seed=0)

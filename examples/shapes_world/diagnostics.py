@@ -4,11 +4,13 @@ Four measurements, each a sub-command writing a JSON file and a markdown table t
 (default ``results/diagnostics/``). Only the dev split is used (``world.SUBJECTS``, ``world.TARGET_TEMPLATES``).
 
 - ``gradients``: the two PALP terms on the shipped model, at the world's settings (batch 4, LoRA rank 8, α = 15,
-  β = 7.5, λ = 1, same noise, rescale on, t1, t2 ~ U[0.02T, 0.98T]). Per draw: the rms of λ·D and of 2(ε̂ − ε) (the
-  per-element gradients of the two terms on ε̂, up to the common 1/N), the LoRA- and token-row-gradient norms of each
-  term (one backward pass per term, for the diagnostic only) and their cosines, and how much of D is the
-  (α − β)·(ε_c − ε_∅) term of the pre-trained model. Binned by t1 and by t2; at step 0 (LoRA zero, token = class
-  noun) and after 100 TI+DB steps (``train_palp.py --alignment_mode none``, run in this process).
+  β = 7.5, λ = 1, same noise, rescale on, t1, t2 drawn as training draws them over [0.02T, 0.98T]). Per draw: the
+  rms of λ·D and of 2(ε̂ − ε) (the per-element gradients of the two terms on ε̂, up to the common 1/N), the LoRA- and
+  token-row-gradient norms of each term (one backward pass per term, for the diagnostic only) and their cosines, and
+  how much of D is the (α − β)·(ε_c − ε_∅) term of the pre-trained model. Binned by t1 and by t2 (σ1 and σ2 on the
+  flow world); at step 0 (LoRA zero, token = class noun) and after 100 TI+DB steps (``train_palp.py
+  --alignment_mode none``, run in this process). Runs on either world model: the noise process, the conditioning
+  and the token rows are train_palp's (``--model model_flow`` writes ``gradients_flow.*``).
 - ``cfg``: the base model's probe accuracy on held-out captions at CFG 5, 7.5, 10, 15 (``probe.py evaluate``), and its
   prompt alignment on the dev clean prompts at those scales.
 - ``ceiling``: each dev subject rendered in each of its target contexts, raw and after the autoencoder, scored with
@@ -17,6 +19,7 @@ Four measurements, each a sub-command writing a JSON file and a markdown table t
   star of the subject's mean colour, ...) and what each probe reports.
 
     OMP_NUM_THREADS=1 python examples/shapes_world/diagnostics.py gradients
+    OMP_NUM_THREADS=1 python examples/shapes_world/diagnostics.py gradients --model examples/shapes_world/model_flow
     OMP_NUM_THREADS=1 python examples/shapes_world/diagnostics.py cfg
     OMP_NUM_THREADS=1 python examples/shapes_world/diagnostics.py ceiling
     OMP_NUM_THREADS=1 python examples/shapes_world/diagnostics.py audit
@@ -159,6 +162,8 @@ def md_table(header, rows):
 
 
 def base_train_args(train_palp, args, subject_name, target, out):
+    from experiment import model_args
+
     subject = world.SUBJECTS[subject_name]
     return [
         "--pretrained_model_name_or_path", str(args.model),
@@ -180,7 +185,13 @@ def base_train_args(train_palp, args, subject_name, target, out):
         "--checkpointing_steps", "1000000",
         "--output_dir", str(out),
         "--overwrite_output_dir",
-    ]
+    ] + model_args(str(args.model))
+
+
+def resolved_work_dir(args):
+    if args.work_dir is not None:
+        return Path(args.work_dir)
+    return Path("runs/diagnostics_flow" if probe_lib.is_flow_model(args.model) else "runs/diagnostics")
 
 
 def train_tidb(train_palp, args, subject_name, out, extra=("--alignment_mode", "none")):
@@ -200,15 +211,16 @@ def train_tidb(train_palp, args, subject_name, out, extra=("--alignment_mode", "
 
 
 def build_models(train_palp, args, subject_name, lora_dir=None):
-    """The models as train_palp.py builds them (load_models, add_placeholder_tokens, add_lora), fp32 on CPU;
-    with ``lora_dir`` the LoRA and token row of a finished run are loaded."""
+    """The models as train_palp.py builds them (load_models, add_placeholder_tokens, add_lora), fp32 on CPU, and
+    the run's noise process (``conditioner.noise_process``: DDPM for the UNet world, rectified flow for the flow
+    world); with ``lora_dir`` the LoRA and token rows of a finished run are loaded."""
     subject = world.SUBJECTS[subject_name]
     target = world.target_prompts(subject_name)[0][0]
     targs = train_palp.parse_args(base_train_args(train_palp, args, subject_name, target, "/tmp/unused"))
     conditioner = train_palp.load_text_conditioner(targs)
     vae, unet, scheduler = train_palp.load_models(targs, conditioner)
-    (embedding,) = conditioner.add_placeholder_tokens([subject["token"]], [subject["shape"]])
-    train_palp.add_lora(unet, 8, 8, 0.0)
+    conditioner.add_placeholder_tokens([subject["token"]], [subject["shape"]])
+    train_palp.add_lora(unet, 8, 8, 0.0, conditioner.lora_target_modules)
     if lora_dir is not None:
         train_palp.load_lora(unet, lora_dir)
         train_palp.load_embeddings(lora_dir, [subject["token"]], conditioner)
@@ -216,26 +228,68 @@ def build_models(train_palp, args, subject_name, lora_dir=None):
     sampler = train_palp.LatentSampler(
         vae, images, 32, False, False, "cpu", torch.float32, conditioner.image_geometry
     )
-    return dict(targs=targs, conditioner=conditioner, tokenizer=conditioner.tokenizers[0],
-                text_encoder=conditioner.text_encoders[0], vae=vae, unet=unet, scheduler=scheduler,
-                embedding=embedding, sampler=sampler, num_images=len(images))
+    return dict(targs=targs, conditioner=conditioner, vae=vae, unet=unet, scheduler=scheduler,
+                process=conditioner.noise_process(scheduler), sampler=sampler, num_images=len(images))
+
+
+def is_flow(train_palp, process):
+    return isinstance(process, train_palp.RectifiedFlowProcess)
+
+
+def noise_levels(train_palp, process, t1, t2, like):
+    """Where a draw sits on the process's noise axis. DDPM: the timestep indices t1, t2 and √ᾱ_t2. Rectified flow:
+    the model's timesteps σ·T, σ1, σ2, and the balance ω(σ1)·σ1²/(1 − σ1)² (``alignment_balance``) that both terms'
+    per-element gradients on ε̂ carry, so that their ratio is the ε-model's (the rms columns leave it out, the LoRA
+    and token norms include it)."""
+    if is_flow(train_palp, process):
+        return {"t1": float(t1), "t2": float(t2), "sigma_t1": float(process.sigma(t1)),
+                "sigma_t2": float(process.sigma(t2)), "balance_t1": float(process.alignment_balance(t1))}
+    return {"t1": int(t1), "t2": int(t2), "sqrt_alpha_bar_t2": float(process.coefficients(t2, like)[0])}
+
+
+FLOW_NOTE = (
+    "Flow matching (rectified flow, the SD3 loss with preconditioned outputs, train_palp's `RectifiedFlowProcess`): "
+    "ε̂ = x_t + (1 − σ)·v̂ and D is in ε units, as on the UNet. Per element, both terms' gradients on ε̂ carry the "
+    "balance ω(σ1)·σ1²/(1 − σ1)² (ω = 1 for the logit-normal density), so rms λ·D and rms 2(ε̂ − ε) leave it out "
+    "and their ratio is the gradients' ratio, as on the UNet; the LoRA and token norms include it, so draws at large "
+    "σ1 weigh more in their means. σ1 and σ2 replace t1 and t2 (equal-width σ bins, drawn from the logit-normal "
+    "density, so the outer bins hold fewer draws); the JSON holds σ1, σ2 and the balance per draw in place of "
+    "√ᾱ_t2. The token row is both CLIP encoders' rows, concatenated.\n")
+
+
+def time_axis(train_palp, process, t_bounds, bins):
+    """How draws are binned and how their timesteps are described (title, settings, a note on what differs from the
+    UNet world): DDPM by the index t over [t_min, t_max] (drawn uniformly); rectified flow by σ over the training
+    table's [σ(t_min), σ(t_max)] (drawn from the SD3 logit-normal density, so the outer bins hold fewer draws)."""
+    lo, hi = t_bounds
+    if is_flow(train_palp, process):
+        s_lo, s_hi = float(process.sigmas[lo]), float(process.sigmas[hi])
+        edges = np.linspace(s_lo, s_hi, bins + 1)
+        edges[-1] = np.nextafter(s_hi, np.inf)
+        return {"keys": ("sigma_t1", "sigma_t2"), "names": ("σ1", "σ2"), "edges": edges,
+                "label": lambda a, b, last: f"[{a:.3f}, {s_hi:.3f}]" if last else f"[{a:.3f}, {b:.3f})",
+                "draw": f"σ1, σ2 ~ logit-normal on [{s_lo:.3f}, {s_hi:.3f}]",
+                "range": {"sigma_range": [s_lo, s_hi], "t_density": process.weighting_scheme}, "note": FLOW_NOTE}
+    return {"keys": ("t1", "t2"), "names": ("t1", "t2"), "edges": bin_edges(lo, hi, bins),
+            "label": lambda a, b, last: f"[{int(a)}, {int(b) - 1}]" if last else f"[{int(a)}, {int(b)})",
+            "draw": f"t1, t2 ~ U[{lo}, {hi}]", "range": {}, "note": None}
 
 
 def measure_draws(train_palp, models, subject_name, draws, alpha, beta, weight, seed):
-    """``draws`` single-image PALP steps (batch 1 each; a batch of 4 is the mean of 4 of them). Returns per-draw
-    statistics and the per-draw gradient vectors (LoRA, token row) of each term, for batch-level aggregation."""
-    unet, text_encoder, tokenizer, embedding = models["unet"], models["text_encoder"], models["tokenizer"], \
-        models["embedding"]
+    """``draws`` single-image PALP steps (batch 1 each; a batch of 4 is the mean of 4 of them), on the run's noise
+    process and conditioning (train_palp's ``noise_process``, ``Conditioning.denoise``), everything in ε: ε̂ =
+    ``process.epsilon`` of the model's output. Returns per-draw statistics and the per-draw gradient vectors (LoRA,
+    token rows of every text encoder, concatenated) of each term, for batch-level aggregation."""
+    unet, conditioner, process = models["unet"], models["conditioner"], models["process"]
     subject = world.SUBJECTS[subject_name]
     config = train_palp.AlignmentConfig(mode="dds", guidance_scale_pretrained=alpha, guidance_scale_personalized=beta,
                                         weight=weight, noise="same", timestep="independent", rescale=True)
-    alphas = models["scheduler"].alphas_cumprod.float()
-    process = train_palp.DDPMProcess(alphas, "epsilon")
     t_bounds = train_palp.timestep_bounds(models["scheduler"].config.num_train_timesteps, 0.02, 0.98)
     lora_params = [p for p in unet.parameters() if p.requires_grad]
-    personal_ids = train_palp.tokenize(tokenizer, [f"a photo of {subject['token']}"])
+    trainable = lora_params + conditioner.trainable_rows
+    personal_ids = conditioner.tokenize([f"a photo of {subject['token']}"])
     prompts = world.target_prompts(subject_name)
-    fixed = [models["conditioner"].encode_fixed(clean, "cpu", torch.float32) for _, clean in prompts]
+    fixed = [conditioner.encode_fixed(clean, "cpu", torch.float32) for _, clean in prompts]
     records, grads = [], []
     for i in range(draws):
         # Distinct draws per subject (its index in world.SUBJECTS), the same ones in every state.
@@ -244,35 +298,35 @@ def measure_draws(train_palp, models, subject_name, draws, alpha, beta, weight, 
         latents, _ = models["sampler"]([index], gen)
         noise, t1, t2, noise2 = train_palp.sample_step_noise(latents.shape, process, t_bounds, config, gen)
         cond_clean, uncond = fixed[i % len(prompts)]
-        cond_personal = train_palp.encode_prompts(text_encoder, personal_ids)
+        cond_personal = conditioner.encode(personal_ids)
         loss_pers, loss_align = train_palp.palp_losses(
             unet, unet, latents, noise, t1, t2, noise2, cond_personal, cond_clean, uncond, process, config)
-        trainable = lora_params + [embedding.rows]
         g_pers = torch.autograd.grad(loss_pers, trainable, retain_graph=True)
         g_align = torch.autograd.grad(weight * loss_align, trainable)
-        flat = lambda gs: torch.cat([g.flatten() for g in gs[:-1]])  # noqa: E731
-        gp_lora, ga_lora, gp_tok, ga_tok = flat(g_pers), flat(g_align), g_pers[-1].flatten(), g_align[-1].flatten()
+        flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
+        n = len(lora_params)
+        gp_lora, ga_lora, gp_tok, ga_tok = flat(g_pers[:n]), flat(g_align[:n]), flat(g_pers[n:]), flat(g_align[n:])
 
         # D and its parts, from train_palp's own pure functions, gradient-free.
         with torch.no_grad():
-            a2 = alphas[t2]
             x_t1 = process.add_noise(latents, noise, t1)
-            eps_hat = unet(x_t1, t1, encoder_hidden_states=cond_personal).sample.float()
-            x0_hat = process.predicted_original_sample(x_t1, eps_hat, t1)
+            output = cond_personal.denoise(unet, x_t1, t1).float()
+            eps_hat = process.epsilon(output, x_t1, t1)
+            x0_hat = process.original_sample(output, x_t1, t1)
             x_t2 = process.add_noise(x0_hat, noise2, t2)
             ge = lambda c, s: train_palp.guided_epsilon(unet, x_t2, t2, c, uncond, s, process)  # noqa: E731
             with train_palp.lora_disabled(unet):
                 g_pre, eps_c, eps_u = ge(cond_clean, alpha), ge(cond_clean, 1.0), ge(cond_clean, 0.0)
             g_per, eps_p, eps_pu = ge(cond_personal, beta), ge(cond_personal, 1.0), ge(cond_personal, 0.0)
             direction = train_palp.alignment_direction("dds", g_pre, g_per)
-            check = train_palp.palp_alignment_loss(eps_hat, direction, process, t1, torch.ones_like(a2), True)
+            w2 = train_palp.alignment_timestep_weight(process, t2, config.weighting)
+            check = train_palp.palp_alignment_loss(eps_hat, direction, process, t1, w2, config.rescale)
             if not torch.allclose(check, loss_align.detach(), rtol=1e-3, atol=1e-6):
                 raise RuntimeError(f"D does not reproduce palp_losses' alignment term: {check} vs {loss_align}")
             parts = dds_parts(eps_c, eps_u, eps_p, eps_pu, alpha, beta)
             pers_grad = 2 * (eps_hat - noise)
         records.append({
-            "t1": int(t1), "t2": int(t2),
-            "sqrt_alpha_bar_t2": float(a2.sqrt()),
+            **noise_levels(train_palp, process, t1, t2, latents),
             "rms_lambda_D": float(weight * rms(direction)),
             "rms_pers_grad": float(rms(pers_grad)),
             "rms_class_pull": float(rms(parts["class_pull"])),
@@ -330,13 +384,14 @@ def summarise_records(records):
     }
 
 
-def binned(records, key, edges):
+def binned(records, key, edges, label):
+    """Summaries of the records whose ``key`` falls in each [edges[i], edges[i + 1]); ``label(lo, hi, last)``
+    names a bin."""
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         sel = [x for x in records if lo <= x[key] < hi]
         if sel:
-            label = f"[{int(lo)}, {int(hi) - 1}]" if hi == edges[-1] else f"[{int(lo)}, {int(hi)})"
-            out.append({"bin": label, **summarise_records(sel)})
+            out.append({"bin": label(lo, hi, hi == edges[-1]), **summarise_records(sel)})
     return out
 
 
@@ -354,24 +409,32 @@ def grad_rows(label_rows):
     return [[label] + [s[k] if isinstance(s[k], float) else s[k] for _, k in GRAD_COLUMNS] for label, s in label_rows]
 
 
+def default_output_name(model):
+    return "gradients_flow" if probe_lib.is_flow_model(model) else "gradients"
+
+
 def run_gradients(args):
     torch.set_num_threads(args.num_threads)
     train_palp = import_train_palp()
     subjects = args.subjects
+    work_dir = resolved_work_dir(args)
     result = {"settings": {"alpha": args.alpha, "beta": args.beta, "lambda": args.weight, "draws_per_subject":
                            args.draws, "t_range": [0.02, 0.98], "noise": "same", "rescale": True, "rank": 8,
                            "tidb_steps": args.tidb_steps, "subjects": subjects}, "states": {}}
-    lo, hi = train_palp.timestep_bounds(1000, 0.02, 0.98)
-    edges = bin_edges(lo, hi, args.bins)
+    axis = None
     for state in ("step 0", f"after {args.tidb_steps} TI+DB steps"):
         all_records, all_batches, per_subject = [], [], {}
         for name in subjects:
             start = time.time()
             lora_dir = None
             if state != "step 0":
-                lora_dir = Path(args.work_dir) / f"tidb_{name}"
+                lora_dir = work_dir / f"tidb_{name}"
                 train_tidb(train_palp, args, name, lora_dir)
             models = build_models(train_palp, args, name, lora_dir)
+            if axis is None:
+                t_bounds = train_palp.timestep_bounds(models["scheduler"].config.num_train_timesteps, 0.02, 0.98)
+                axis = time_axis(train_palp, models["process"], t_bounds, args.bins)
+                result["settings"].update(axis["range"])
             records, grads = measure_draws(train_palp, models, name, args.draws, args.alpha, args.beta, args.weight,
                                            args.seed)
             for x in records:
@@ -384,17 +447,19 @@ def run_gradients(args):
             "overall": summarise_records(all_records),
             "batch_of_4": {k: float(np.mean([b[k] for b in all_batches])) for k in all_batches[0]},
             "per_subject": per_subject,
-            "by_t1": binned(all_records, "t1", edges),
-            "by_t2": binned(all_records, "t2", edges),
+            **{f"by_{t}": binned(all_records, key, axis["edges"], axis["label"])
+               for t, key in zip(("t1", "t2"), axis["keys"])},
             "draws": all_records,
         }
     md = [f"# PALP's two terms, per-term gradients ({len(subjects)} dev subjects × {args.draws} draws, α = "
-          f"{args.alpha}, β = {args.beta}, λ = {args.weight}, same noise, rescale, t1, t2 ~ U[{lo}, {hi}])\n",
+          f"{args.alpha}, β = {args.beta}, λ = {args.weight}, same noise, rescale, {axis['draw']})\n",
           "Per draw (one image): rms over elements of the per-element gradients on ε̂ of λ·L_align (λ·D) and of "
           "L_pers (2(ε̂ − ε)); the norm of each term's gradient on the LoRA and on the token row (separate backward "
           "passes) and their cosine; the (α − β)·(ε_c − ε_∅) part of D (pre-trained model): its rms over D's, and "
           "cos²(D, it), the fraction of ‖D‖² along it; β·gap = β·((ε_c − ε_∅) − (ε'_P − ε'_∅)) and ∅-gap = "
           "ε_∅ − ε'_∅ are the other two parts (D = the sum of the three). Means over draws.\n"]
+    if axis["note"]:
+        md.append("\n" + axis["note"])
     header = ["rows"] + [c for c, _ in GRAD_COLUMNS]
     for state, s in result["states"].items():
         md.append(f"\n## {state}\n")
@@ -405,10 +470,10 @@ def run_gradients(args):
                   f"{b['lora_norm_align']:.3g} (ratio {b['lora_norm_align'] / b['lora_norm_pers']:.2f}), cosine "
                   f"{b['lora_cosine']:.3f}; token row: ratio {b['token_norm_align'] / b['token_norm_pers']:.2f}, "
                   f"cosine {b['token_cosine']:.3f}.\n")
-        for key, title in (("by_t1", "t1"), ("by_t2", "t2")):
+        for key, title in zip(("by_t1", "by_t2"), axis["names"]):
             md.append(f"\nBy {title}:\n\n")
             md.append(md_table([title] + header[1:], grad_rows([(x["bin"], x) for x in s[key]])))
-    write_outputs(args.output_dir, "gradients", result, "".join(md))
+    write_outputs(args.output_dir, args.output_name or default_output_name(args.model), result, "".join(md))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -420,8 +485,9 @@ def measure_balance(train_palp, models, subject_name, batches, batch, alpha, bet
     gradients on the LoRA and the token row with train_palp's default normalised D, with and without
     ``--alignment_projection residual``, and cos(D, ε̂ − ε) per sample (> 0: D asks the model to reproduce its photo
     worse)."""
-    unet, text_encoder, tokenizer, embedding = models["unet"], models["text_encoder"], models["tokenizer"], \
-        models["embedding"]
+    unet, conditioner = models["unet"], models["conditioner"]
+    text_encoder, tokenizer = conditioner.text_encoders[0], conditioner.tokenizers[0]
+    embedding = train_palp.only_one(conditioner.embeddings, "conditioner.embeddings")
     subject = world.SUBJECTS[subject_name]
     alphas = models["scheduler"].alphas_cumprod.float()
     process = train_palp.DDPMProcess(alphas, "epsilon")
@@ -476,6 +542,9 @@ BALANCE_COLUMNS = [("‖∇LoRA‖ align / pers", "lora_ratio"), ("cos LoRA", "l
 
 
 def run_balance(args):
+    if probe_lib.is_flow_model(args.model):
+        raise SystemExit("diagnostics.py balance measures the UNet world (--model examples/shapes_world/model); "
+                         "`gradients` measures both.")
     torch.set_num_threads(args.num_threads)
     train_palp = import_train_palp()
     states = {"step 0": None, f"TI+DB, {args.tidb_steps} steps": ("--alignment_mode", "none"),
@@ -488,7 +557,7 @@ def run_balance(args):
         for name in args.subjects:
             lora_dir = None
             if extra is not None:
-                lora_dir = Path(args.work_dir) / f"balance_{extra[1]}_{args.tidb_steps}_{name}"
+                lora_dir = resolved_work_dir(args) / f"balance_{extra[1]}_{args.tidb_steps}_{name}"
                 train_tidb(train_palp, args, name, lora_dir, extra)
             models = build_models(train_palp, args, name, lora_dir)
             records += [dict(r, subject=name) for r in measure_balance(train_palp, models, name, args.batches,
@@ -773,11 +842,15 @@ def parse_args(input_args=None):
         p.add_argument("--beta", type=float, default=7.5, help="β (paper).")
         p.add_argument("--tidb_steps", type=int, default=steps, help="Training steps of the trained state(s).")
         p.add_argument("--seed", type=int, default=0, help="Seed of the draws.")
-        p.add_argument("--work_dir", type=str, default="runs/diagnostics", help="Where the trained runs are written.")
+        p.add_argument("--work_dir", type=str, default=None,
+                       help="Where the trained runs are written (default: runs/diagnostics, runs/diagnostics_flow for "
+                            "a flow model, so that one world's runs are never loaded into the other's model).")
         p.add_argument("--retrain", action="store_true", help="Retrain the runs even if present.")
     g = commands["gradients"]
     g.add_argument("--draws", type=int, default=96, help="Single-image draws per subject and state.")
-    g.add_argument("--bins", type=int, default=5, help="Bins of t1 and t2 over [0.02T, 0.98T].")
+    g.add_argument("--bins", type=int, default=5, help="Bins of t1 and t2 over [0.02T, 0.98T] (of σ1, σ2 for flow).")
+    g.add_argument("--output_name", type=str, default=None,
+                   help="Name of the JSON and markdown files (default: gradients, gradients_flow for a flow model).")
     g.add_argument("--weight", type=float, default=1.0, help="λ.")
     b = commands["balance"]
     b.add_argument("--batches", type=int, default=12, help="Batches per subject and state.")
