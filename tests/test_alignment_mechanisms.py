@@ -272,6 +272,7 @@ def test_class_phrase_table_gives_each_image_its_own_subjects_class_prompt(tiny_
 
     from conftest import write_instance_images
 
+    tmp_path = tmp_path / extra[-1]  # one folder per parametrization, whoever calls the test
     cat = write_instance_images(tmp_path / "cat", n=2, seed=0)
     art = write_instance_images(tmp_path / "art", n=1, seed=7)
     reset_accelerate_state()
