@@ -2,7 +2,7 @@
 
 The training scripts load the quantized UNet exactly as on a GPU: ``UNet2DConditionModel.from_pretrained(...,
 quantization_config=BitsAndBytesConfig(...), torch_dtype=<training dtype>, device_map={"": accelerator.device})``.
-On this CPU machine one thing stands in the way, and the ``cpu_quantizer`` fixture patches it for these tests only:
+On this CPU machine two things stand in the way, and the ``cpu_quantizer`` fixture patches them for these tests only:
 
 * ``BnB4BitDiffusersQuantizer.validate_environment`` and ``BnB8BitDiffusersQuantizer.validate_environment``
   (diffusers.quantizers.bitsandbytes.bnb_quantizer) raise "No GPU found. A GPU is needed for quantization." when
@@ -10,6 +10,11 @@ On this CPU machine one thing stands in the way, and the ``cpu_quantizer`` fixtu
   bitsandbytes' own code: the layers are really replaced by ``bnb.nn.Linear4bit`` / ``Linear8bitLt`` and quantized
   on the CPU by bitsandbytes' CPU kernels. ``update_device_map``, the other method that asks CUDA for a device, is
   not reached, because the scripts pass ``device_map`` themselves.
+* On a CPU with AVX512-BF16, ``bnb.nn.Linear4bit.forward`` repacks its weight for a CPU inference kernel the first
+  time it runs in eval mode without gradients (validation), and that repacking assumes an input width that is a
+  multiple of the 4-bit block (64): every Stable Diffusion layer meets it (320 … 2816), the tiny test models' 16- and
+  32-wide layers do not ("shape '[64, 0]' is invalid"). The fixture makes ``Linear4bit`` see a CPU without
+  AVX512-BF16, so the suite takes the same bitsandbytes path on every CI machine; a GPU never takes either.
 
 The runs use mixed precision "no" (NF4 computes in fp32, LLM.int8() in fp16, as bitsandbytes does); bf16 autocast on
 the CPU is not exercised (torch's CPU group_norm rejects the fp32 output of a quantized layer next to bf16 norm
@@ -36,11 +41,12 @@ QUANTIZED_LAYER = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
 
 @pytest.fixture
 def cpu_quantizer(monkeypatch):
-    """Lift diffusers' "No GPU found" environment check of its two bitsandbytes quantizers (see the module doc)."""
+    """Lift diffusers' "No GPU found" check and bitsandbytes' AVX512-BF16 repacking (see the module doc)."""
     from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer, BnB8BitDiffusersQuantizer
 
     for quantizer in (BnB4BitDiffusersQuantizer, BnB8BitDiffusersQuantizer):
         monkeypatch.setattr(quantizer, "validate_environment", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
 
 
 def quantized_unet(path, mode):
