@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,22 +130,31 @@ def test_heldout_script_regenerates_the_committed_verdicts(tmp_path):
 
 def test_heldout_script_on_a_small_slice_of_v2(tmp_path):
     """The whole script on one v2 subject, one prompt, one seed and two training steps: it trains, scores, writes
-    the v2 verdict, and that verdict is what the analysis gives again from the runs it copied."""
+    the v2 verdict, and that verdict is what the analysis gives again from the runs it copied. Then MODEL=model_flow
+    runs the same slice on the flow world: its own verdict, from samples that are not the UNet world's."""
     import subprocess
 
-    results = tmp_path / "results"
-    env = {**os.environ, "SPLIT": "heldout_v2", "OUT": str(tmp_path / "runs"), "RESULTS": str(results),
-           "PYTHON": sys.executable, "SUBJECTS_A": "green_circle", "SUBJECTS_B": "", "SEEDS": "0", "STEPS": "2",
-           "TI_STEPS": "1 2", "PALP_STEPS": "1 2", "NUM_SAMPLES": "2", "PROMPT_INDICES": "0", "CONFIG": "PALP (paper)"}
     script = str(REPO_ROOT / "examples" / "shapes_world" / "heldout.sh")
-    subprocess.run(["bash", script], check=True, capture_output=True, env=env, timeout=900)
-    verdict = (results / "verdict.md").read_text()
-    assert verdict.startswith("## PALP (paper)@2 against TI+DB at its own best step count")
-    assert "| prompt-alignment gain | TI+DB@" in verdict and "appearance ratio, probe B" in verdict
-    assert (results / "table.md").is_file() and (results / "plot.png").is_file()
-    (results / "verdict.md").unlink()
-    subprocess.run(["bash", script], check=True, capture_output=True, env={**env, "ANALYSIS_ONLY": "1"})
-    assert (results / "verdict.md").read_text() == verdict
+    samples = {}
+    for model in ("", "model_flow"):
+        results, out = tmp_path / f"results{model}", tmp_path / f"runs{model}"
+        env = {**os.environ, "SPLIT": "heldout_v2", "OUT": str(out), "RESULTS": str(results),
+               "PYTHON": sys.executable, "SUBJECTS_A": "green_circle", "SUBJECTS_B": "", "SEEDS": "0", "STEPS": "2",
+               "TI_STEPS": "1 2", "PALP_STEPS": "1 2", "NUM_SAMPLES": "2", "PROMPT_INDICES": "0",
+               "CONFIG": "PALP (paper)", "MODEL": str(REPO_ROOT / "examples" / "shapes_world" / model) if model else ""}
+        subprocess.run(["bash", script], check=True, capture_output=True, env=env, timeout=900)
+        verdict = (results / "verdict.md").read_text()
+        assert verdict.startswith("## PALP (paper)@2 against TI+DB at its own best step count")
+        assert "| prompt-alignment gain | TI+DB@" in verdict and "appearance ratio, probe B" in verdict
+        assert (results / "table.md").is_file() and (results / "plot.png").is_file()
+        samples[model] = {f.name: np.load(f)["steps2"] for f in Path(f"{out}_a").glob("samples_*.npz")}
+        assert "samples_palp__paper_green_circle_p0_s0.npz" in samples[model]
+        if not model:
+            (results / "verdict.md").unlink()
+            subprocess.run(["bash", script], check=True, capture_output=True, env={**env, "ANALYSIS_ONLY": "1"})
+            assert (results / "verdict.md").read_text() == verdict
+    assert samples[""].keys() == samples["model_flow"].keys()
+    assert all(not np.array_equal(samples[""][name], samples["model_flow"][name]) for name in samples[""])
 
 
 def test_only_configurations_without_the_alignment_term_share_one_run_across_prompts():

@@ -5,6 +5,8 @@
 #   bash examples/shapes_world/heldout.sh                      # v1 (about an hour on 2 cores)
 #   SPLIT=heldout_v2 CONFIG="<chosen on dev>" STEPS=200 bash examples/shapes_world/heldout.sh
 #   ANALYSIS_ONLY=1 bash examples/shapes_world/heldout.sh     # the verdict again, from $RESULTS/runs_{a,b}.csv
+#   MODEL=examples/shapes_world/model_flow OUT=runs/flow_heldout_v2 RESULTS=examples/shapes_world/results/flow_heldout_v2 \
+#     SPLIT=heldout_v2 CONFIG="PALP (paper)" STEPS=200 bash examples/shapes_world/heldout.sh   # on the flow world
 #
 # Writes ${OUT}_{a,b}/runs.csv, and $RESULTS/{verdict.md,table.md,plot.png,runs_a.csv,runs_b.csv}. v1's verdict
 # compares CONFIG@STEPS with TI+DB at STEPS, then at every other TI+DB step count, then with EXTRA_BASELINES; v2's
@@ -32,7 +34,8 @@ HALF=$(( (${#ALL[@]} + 1) / 2 ))
 SUBJECTS_A=${SUBJECTS_A:-${ALL[*]:0:$HALF}}
 SUBJECTS_B=${SUBJECTS_B-${ALL[*]:$HALF}}
 PROMPT_INDICES=${PROMPT_INDICES:-"0 1 2 3 4 5"}
-COMMON=(--split "$SPLIT" --num_samples "$NUM_SAMPLES" --prompt_indices $PROMPT_INDICES)
+MODEL=${MODEL:-}                     # another pre-trained world (model_flow/); the UNet world's model/ when empty
+COMMON=(--split "$SPLIT" --num_samples "$NUM_SAMPLES" --prompt_indices $PROMPT_INDICES ${MODEL:+--model "$MODEL"})
 
 if [ -z "${ANALYSIS_ONLY:-}" ]; then
   # A fresh clone has no runs/: each process starts from its committed rows, so an interrupted check resumes.
