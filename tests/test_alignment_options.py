@@ -5,9 +5,9 @@ import argparse
 
 import pytest
 import torch
+from test_palp_math import _inputs, _process, _run_losses, lora_unet  # noqa: F401  (lora_unet is a fixture)
 
 import train_palp as tp
-from test_palp_math import _inputs, _process, _run_losses, lora_unet  # noqa: F401  (lora_unet is a fixture)
 from conftest import reset_accelerate_state
 from test_train_palp import base_args, train
 

@@ -336,8 +336,9 @@ def test_accelerate_launch_sdxl_outputs_load_into_a_fresh_pipeline(tiny_sdxl_pat
 
 
 def test_multi_subject_script_on_sdxl_writes_one_loadable_file_per_token(tiny_sdxl_path, tmp_path):
-    import train_palp_multi_subject as tpm
     from test_multi_subject import ART, CAT, common_flags, subject_flags
+
+    import train_palp_multi_subject as tpm
 
     cat = write_instance_images(tmp_path / "cat", n=2)
     art = write_instance_images(tmp_path / "art", n=1, seed=7)

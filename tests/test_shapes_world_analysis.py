@@ -74,6 +74,7 @@ def test_experiment_configurations_reach_train_palp_as_labelled():
     and is now the script's default, "PALP (defaults)" keeps the normalised D its committed runs were trained with,
     and a described y_c names the subject's colour and pattern for every subject of both splits."""
     import experiment
+
     import train_palp
 
     def config_of(label, subject="checkered_star", index=0):
