@@ -100,7 +100,7 @@ CONFIGS = {
     # The subject's token as 4 embedding vectors instead of one (--num_vectors), so that its identity has more room in
     # the text embedding; with the paper's D, and against TI+DB with the same 4 vectors.
     **{f"multi-vector token (4 vectors) λ={w}": PAPER + ["--num_vectors", "4", "--alignment_weight", w]
-       for w in ("0.3", "0.6", "1")},
+       for w in ("0.1", "0.3", "0.6", "1")},
     "TI+DB 4 vectors": ["--alignment_mode", "none", "--num_vectors", "4"],
 }
 

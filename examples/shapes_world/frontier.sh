@@ -47,7 +47,7 @@ run() { part=$1; shift; $PYTHON $X "${COMMON[@]}" --configs "$@" --steps 100 200
  run g "${G[@]}"
  # Multi-vector tokens: TI+DB with the same 4 vectors beside (not the protocol's reference, reported with it).
  $PYTHON $X "${COMMON[@]}" --configs "TI+DB 4 vectors" --steps 100 200 300 --output_dir "${OUT}_h"
- mapfile -t H < <(PREFIX="multi-vector token (4 vectors) λ=" sweep 1 0.3 0.6)
+ mapfile -t H < <(PREFIX="multi-vector token (4 vectors) λ=" sweep 1 0.3 0.6 0.1)
  run h "${H[@]}") > "${OUT}_d.log" 2>&1
 wait
 
