@@ -42,6 +42,31 @@ def check_rows_trained(run, state, keys):
         assert all((row - initial).abs().max() > 0 for row in state[key])
 
 
+def test_defaults_are_the_measured_ones_in_train_palp_and_the_papers_in_the_multi_subject_script(
+    tiny_sd_path, tmp_path
+):
+    """train_palp.py trains 4 vectors at λ = 0.1 unless told otherwise, and its file loads as 4 rows into a stock
+    pipeline; the multi-subject script keeps one vector and λ = 1."""
+    from test_multi_subject import common_flags, subject_flags
+
+    photos, out = str(write_instance_images(tmp_path / "instance")), tmp_path / "out"
+    pinned = base_args(tiny_sd_path, photos, out)
+    for flag in ("--num_vectors", "--alignment_weight"):
+        i = pinned.index(flag)
+        del pinned[i : i + 2]
+    defaults = tp.parse_args(pinned)
+    assert (defaults.num_vectors, defaults.alignment_weight) == (4, 0.1)
+    multi = tpm.parse_args([*subject_flags(photos, photos), *common_flags(tiny_sd_path, tmp_path / "m")])
+    assert (multi.num_vectors, multi.alignment_weight) == (1, 1.0)
+
+    tp.main(tp.parse_args(pinned + ["--max_train_steps", "2", "--num_validation_images", "0"]))
+    state = load_file(out / "learned_embeds.safetensors")
+    assert list(state) == [TOKEN] and state[TOKEN].shape == (4, 32)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"))
+    assert pipe.tokenizer.convert_tokens_to_ids([f"{TOKEN}_3"])[0] != pipe.tokenizer.unk_token_id
+
+
 # ------------------------------------------------------------------------------------------------- SD 1.x/2.x
 @pytest.fixture(scope="module")
 def sd_run(tiny_sd_path, tmp_path_factory):

@@ -48,6 +48,12 @@ def base_args(model, instance_dir, output_dir, *extra):
         "none",
         "--learning_rate",
         "1e-3",
+        # One token vector and the paper's λ: what every test here was written for (train_palp.py's defaults are
+        # 4 and 0.1, tested in test_multi_vector.py).
+        "--num_vectors",
+        "1",
+        "--alignment_weight",
+        "1",
         *extra,
     ]
 

@@ -108,6 +108,8 @@ def train_command(args, subject_name, target, out):
         "--guidance_scale_personalized", str(args.guidance_scale_personalized),
         # The paper's ladder, as the paper runs it: D unnormalised (train_palp.py's own default normalises it).
         "--alignment_normalization", "none",
+        "--alignment_weight", "1",  # the paper's loss, and one token vector, as the paper has it
+        "--num_vectors", "1",
         "--seed", str(args.train_seed),
         "--num_validation_images", "0",
         "--report_to", "none",

@@ -179,6 +179,8 @@ def base_train_args(train_palp, args, subject_name, target, out):
         "--rank", "8",
         "--guidance_scale_pretrained", str(args.alpha),
         "--guidance_scale_personalized", str(args.beta),
+        "--alignment_weight", "1",  # the paper's λ and one token vector, as every diagnostic figure was measured
+        "--num_vectors", "1",
         "--seed", "0",
         "--num_validation_images", "0",
         "--report_to", "none",

@@ -32,6 +32,9 @@ PROBE_B = HERE / "probe_b"
 
 # The world's personalization settings (README): batch 4, LoRA rank 8, learning rate 3e-3.
 WORLD_ARGS = ["--train_batch_size", "4", "--learning_rate", "3e-3", "--rank", "8"]
+# train_palp.py's defaults of the token and of λ when the committed results were made (one vector, λ = 1), pinned so
+# that every configuration means what its results say; a configuration's own flags come after and win.
+PINNED_DEFAULTS = ["--num_vectors", "1", "--alignment_weight", "1"]
 PAPER = ["--alignment_mode", "dds", "--guidance_scale_pretrained", "15", "--guidance_scale_personalized", "7.5",
          "--alignment_weight", "1", "--alignment_normalization", "none"]
 
@@ -130,15 +133,15 @@ def parse_args(input_args=None):
 
 
 def train_command(model, photos, subject, target, max_steps, checkpointing_steps, seed, out):
-    """train_palp.py flags of one run: the world's settings; every alignment setting not in the configuration is
-    train_palp.py's own default."""
+    """train_palp.py flags of one run: the world's settings and PINNED_DEFAULTS; every other alignment setting not in
+    the configuration is train_palp.py's own default."""
     return [
         "--pretrained_model_name_or_path", model, "--instance_data_dir", str(photos),
         "--placeholder_token", subject["token"], "--class_name", subject["shape"],
         "--target_prompt", target, "--personalization_prompt", "a photo of {token}", "--resolution", "32",
         "--max_train_steps", str(max_steps), "--checkpointing_steps", str(checkpointing_steps), "--seed", str(seed),
         "--num_validation_images", "0", "--report_to", "none", "--output_dir", str(out), "--overwrite_output_dir",
-    ] + WORLD_ARGS + model_args(model)
+    ] + WORLD_ARGS + PINNED_DEFAULTS + model_args(model)
 
 
 def is_prompt_free(flags):
