@@ -113,13 +113,16 @@ def test_experiment_configurations_reach_train_palp_as_labelled():
 
 
 def test_heldout_script_regenerates_the_committed_verdicts(tmp_path):
-    """heldout.sh as committed writes, from the committed runs, exactly the committed verdict.md of both v1 looks."""
+    """heldout.sh as committed writes, from the committed runs, exactly the committed verdict.md of both v1 looks and
+    of v2's (the rule's point, with the command PROTOCOL.md gives)."""
     import shutil
     import subprocess
 
     results = REPO_ROOT / "examples" / "shapes_world" / "results"
+    v2 = {"SPLIT": "heldout_v2", "CONFIG": "multi-vector token (4 vectors) λ=0.1", "STEPS": "100", "PALP_STEPS": "100"}
     for name, env in (("heldout", {}), ("heldout_described", {"CONFIG": "PALP (defaults) described y_c",
-                                                              "EXTRA_BASELINES": "PALP (defaults)@200"})):
+                                                              "EXTRA_BASELINES": "PALP (defaults)@200"}),
+                      ("heldout_v2", v2)):
         copy = tmp_path / name
         shutil.copytree(results / name, copy)
         (copy / "verdict.md").unlink()
