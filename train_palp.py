@@ -486,11 +486,12 @@ def add_training_arguments(
         type=str,
         default="none",
         choices=["none", "nf4", "int8"],
-        help="Load the frozen UNet quantized by bitsandbytes through diffusers' BitsAndBytesConfig (QLoRA-style): "
-        "'nf4' stores its linear layers in 4-bit NormalFloat and computes in the training dtype, 'int8' in "
-        "LLM.int8(); convolutions and norms stay in the training dtype, the LoRA and the token rows in fp32. PALP's "
-        "pre-trained prediction is then this quantized UNet with its LoRA switched off, not the full-precision "
-        "model. The saved LoRA loads into the ordinary, unquantized pipeline. Needs bitsandbytes and a GPU. "
+        help="Load the frozen UNet (SD3: transformer) quantized by bitsandbytes through diffusers' "
+        "BitsAndBytesConfig (QLoRA-style): 'nf4' stores its linear layers in 4-bit NormalFloat and computes in the "
+        "training dtype, 'int8' in LLM.int8(); convolutions and norms stay in the training dtype, the LoRA and the "
+        "token rows in fp32. PALP's pre-trained prediction is then this quantized model with its LoRA switched off, "
+        "not the full-precision one. The saved LoRA loads into the ordinary, unquantized pipeline. Needs "
+        "bitsandbytes and a GPU. "
         "Default: none (ours; the paper does not quantize).",
     )
 

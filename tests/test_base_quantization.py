@@ -1,4 +1,4 @@
-"""--base_quantization: the frozen UNet loaded quantized by bitsandbytes through diffusers' BitsAndBytesConfig.
+"""--base_quantization: the frozen UNet (or SD3 transformer) loaded quantized by bitsandbytes through diffusers' BitsAndBytesConfig.
 
 The training scripts load the quantized UNet exactly as on a GPU: ``UNet2DConditionModel.from_pretrained(...,
 quantization_config=BitsAndBytesConfig(...), torch_dtype=<training dtype>, device_map={"": accelerator.device})``.
@@ -26,9 +26,16 @@ import json
 import bitsandbytes as bnb
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from safetensors.torch import load_file
 from test_multi_subject import common_flags, subject_flags
+from test_sd3 import load_into as load_sd3_embedding
+from test_sd3 import load_pipeline as load_sd3_pipeline
 from test_sdxl import load_into
 
 import train_palp as tp
@@ -65,14 +72,17 @@ def lora_layers(unet):
 
 
 @pytest.mark.parametrize(
-    "family, mode", [("sd", "nf4"), ("sd", "int8"), ("sdxl", "nf4"), ("sdxl", "int8")], ids=lambda value: value
+    "family, mode",
+    [("sd", "nf4"), ("sd", "int8"), ("sdxl", "nf4"), ("sdxl", "int8"), ("sd3", "nf4"), ("sd3", "int8")],
+    ids=lambda value: value,
 )
 def test_quantized_base_outputs_load_into_an_unquantized_pipeline(
-    family, mode, cpu_quantizer, tiny_sd_path, tiny_sdxl_path, instance_dir, tmp_path
+    family, mode, cpu_quantizer, tiny_sd_path, tiny_sdxl_path, tiny_sd3_no_t5_path, instance_dir, tmp_path
 ):
     path, pipeline_class = {
         "sd": (tiny_sd_path, StableDiffusionPipeline),
         "sdxl": (tiny_sdxl_path, StableDiffusionXLPipeline),
+        "sd3": (tiny_sd3_no_t5_path, StableDiffusion3Pipeline),
     }[family]
     plain_out, out = tmp_path / "plain", tmp_path / "quantized"
     train(path, instance_dir, plain_out, "--max_train_steps", "1", "--num_validation_images", "0")
@@ -93,14 +103,14 @@ def test_quantized_base_outputs_load_into_an_unquantized_pipeline(
     assert max(value.abs().max() for key, value in lora.items() if "lora_B" in key or "lora.up" in key) > 0
 
     # A stock, unquantized pipeline takes the LoRA and the embedding, and they change its image.
-    pipe = pipeline_class.from_pretrained(path)
+    pipe = load_sd3_pipeline(path) if family == "sd3" else pipeline_class.from_pretrained(path)
     base_image = generate(pipe, TARGET.replace(TOKEN, "a cat"))
     pipe.load_lora_weights(out)
-    assert len(lora_layers(pipe.unet)) == len(layers)
+    assert len(lora_layers(pipe.transformer if family == "sd3" else pipe.unet)) == len(layers)
     if family == "sd":
         pipe.load_textual_inversion(out / "learned_embeds.safetensors")
     else:
-        load_into(pipe, out)
+        (load_sd3_embedding if family == "sd3" else load_into)(pipe, out)
     image = generate(pipe, TARGET)
     assert abs(image - base_image).max() > 1e-3
 
@@ -141,21 +151,24 @@ def test_pretrained_prediction_is_the_quantized_unet_with_its_lora_off(
         assert (guided_epsilon(fresh, *args) - result).abs().max() > 0
 
 
-def test_quantized_base_run_resumes_bit_exact(cpu_quantizer, tiny_sd_path, instance_dir, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_quantized_base_run_resumes_bit_exact(
+    family, cpu_quantizer, tiny_sd_path, tiny_sd3_no_t5_path, instance_dir, tmp_path
+):
+    path = {"sd": tiny_sd_path, "sd3": tiny_sd3_no_t5_path}[family]
     common = ("--base_quantization", "nf4", "--checkpointing_steps", "2", "--num_validation_images", "0")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    train(tiny_sd_path, instance_dir, full, *common)
-    train(tiny_sd_path, instance_dir, resumed, *common, "--max_train_steps", "2")
+    train(path, instance_dir, full, *common)
+    train(path, instance_dir, resumed, *common, "--max_train_steps", "2")
     saved_step2 = load_file(resumed / "checkpoint-2" / tp.LORA_NAME)
     assert all(value.dtype == torch.float32 for value in saved_step2.values())
     (resumed / tp.LORA_NAME).unlink()
-    result = train(tiny_sd_path, instance_dir, resumed, *common, "--resume_from_checkpoint", "checkpoint-2")
+    result = train(path, instance_dir, resumed, *common, "--resume_from_checkpoint", "checkpoint-2")
     assert result.global_step == 4
-    a, b = load_file(full / tp.LORA_NAME), load_file(resumed / tp.LORA_NAME)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ea = load_file(full / "learned_embeds.safetensors")[TOKEN]
-    eb = load_file(resumed / "learned_embeds.safetensors")[TOKEN]
-    assert torch.equal(ea, eb)
+    for name in (tp.LORA_NAME, tp.EMBEDDINGS_NAME):  # the LoRA, and the token rows (one file per encoder's key)
+        a, b = load_file(full / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(load_file(full / tp.LORA_NAME)[next(iter(saved_step2))], next(iter(saved_step2.values())))
 
 
 def test_multi_subject_script_trains_on_a_quantized_base(cpu_quantizer, tiny_sd_path, tmp_path):
