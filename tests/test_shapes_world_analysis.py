@@ -113,8 +113,9 @@ def test_experiment_configurations_reach_train_palp_as_labelled():
 
 
 def test_heldout_script_regenerates_the_committed_verdicts(tmp_path):
-    """heldout.sh as committed writes, from the committed runs, exactly the committed verdict.md of both v1 looks and
-    of v2's (the rule's point, with the command PROTOCOL.md gives)."""
+    """heldout.sh as committed writes, from the committed runs, exactly the committed verdict.md of both v1 looks, of
+    v2's (the rule's point) and of the flow world's v2 look (the paper's settings), with the commands PROTOCOL.md
+    gives."""
     import shutil
     import subprocess
 
@@ -122,7 +123,9 @@ def test_heldout_script_regenerates_the_committed_verdicts(tmp_path):
     v2 = {"SPLIT": "heldout_v2", "CONFIG": "multi-vector token (4 vectors) λ=0.1", "STEPS": "100", "PALP_STEPS": "100"}
     for name, env in (("heldout", {}), ("heldout_described", {"CONFIG": "PALP (defaults) described y_c",
                                                               "EXTRA_BASELINES": "PALP (defaults)@200"}),
-                      ("heldout_v2", v2)):
+                      ("heldout_v2", v2),
+                      ("flow_heldout_v2", {"SPLIT": "heldout_v2", "CONFIG": "PALP (paper)", "STEPS": "200",
+                                           "MODEL": str(REPO_ROOT / "examples" / "shapes_world" / "model_flow")})):
         copy = tmp_path / name
         shutil.copytree(results / name, copy)
         (copy / "verdict.md").unlink()
